@@ -1,0 +1,1 @@
+"""Fast expert back-ends (registered on import)."""

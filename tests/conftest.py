@@ -1,0 +1,29 @@
+"""Test-wide settings: offline HF libraries, one intra-op thread, a private HF home.
+
+These must be set before transformers / datasets / evaluate are imported anywhere, so they live at
+the top of the root conftest.
+"""
+
+import os
+import tempfile
+
+_HF_HOME = tempfile.mkdtemp(prefix="ernie5-hf-home-")
+for key, value in {
+    "HF_HUB_OFFLINE": "1",
+    "HF_DATASETS_OFFLINE": "1",
+    "HF_EVALUATE_OFFLINE": "1",
+    "TRANSFORMERS_OFFLINE": "1",
+    "TRL_EXPERIMENTAL_SILENCE": "1",
+    "HF_HUB_DISABLE_TELEMETRY": "1",
+    "GRADIO_ANALYTICS_ENABLED": "False",
+    "TOKENIZERS_PARALLELISM": "false",
+    # The MoE loops are ~50x slower with 2 intra-op threads on the 2-core CI machine.
+    "OMP_NUM_THREADS": "1",
+    "HF_HOME": _HF_HOME,
+    "HF_MODULES_CACHE": os.path.join(_HF_HOME, "modules"),
+}.items():
+    os.environ.setdefault(key, value)
+
+import torch  # noqa: E402
+
+torch.set_num_threads(1)
