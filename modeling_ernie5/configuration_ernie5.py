@@ -14,6 +14,8 @@ from typing import Any
 
 from transformers import PretrainedConfig
 
+from .configuration_ernie5_vision import Ernie5VisionConfig
+
 # Presets. `tiny` is the shape used by tests and the demo; `ablation-3b` is the paper's small ablation model
 # (ERNIE 5.0 §6.4.2: 16 layers, 64 experts, top-8, about 454M active / 3.2B total). The report gives no
 # hidden or expert sizes; the values below were chosen so the parameter counts (embeddings excluded, the
@@ -86,7 +88,22 @@ class Ernie5Config(PretrainedConfig):
             Expert-compute back-end: `"auto"` (fastest available), `"reference"`, or any name registered with
             `modeling_ernie5.moe.register_experts_backend` (the package registers `"cpu"` and `"triton"`).
         elastic_* (`float`):
-            Sampling probabilities of elastic training (DESIGN.md §4); see `modeling_ernie5.elastic`.
+            Sampling probabilities of elastic training (DESIGN.md §4); see `training.elastic_sampler`.
+        elastic_min_experts (`int`, *optional*):
+            Smallest expert subset a width-reduced sample routes over; subset sizes are drawn uniformly from
+            `[elastic_min_experts, num_experts - 1]`. Defaults to `max(num_experts_per_tok, num_experts // 2)`,
+            the paper's 64 -> 32 ablation (§6.4.2).
+        elastic_min_top_k (`int`, *optional*, defaults to 1):
+            Smallest top-k of a sparsity-reduced sample; k is drawn uniformly from
+            `[elastic_min_top_k, num_experts_per_tok - 1]` (the paper's [1, 8] range, §6.4.2).
+        elastic_source (`dict`, *optional*):
+            Set by `modeling_ernie5.elastic.extract_submodel`: what this model was cut from (parent sizes, kept
+            layers and experts) and its active / total parameter fractions of the parent.
+        vision_config (`dict` or `Ernie5VisionConfig`, *optional*):
+            Visual tokenizer, ViT and patch-merger settings; `None` (the default) builds a text-only model.
+        image_token_id, image_gen_token_id, boi_token_id, eoi_token_id (`int`, *optional*):
+            Text-vocabulary ids of the understanding placeholder, the generation placeholder and the begin/end of
+            image markers; required when `vision_config` is set.
 
     Example:
 
@@ -157,6 +174,14 @@ class Ernie5Config(PretrainedConfig):
         elastic_layer_retain_prob: float = 0.75,
         elastic_width_full_prob: float = 0.8,
         elastic_topk_full_prob: float = 0.8,
+        elastic_min_experts: int | None = None,
+        elastic_min_top_k: int = 1,
+        elastic_source: dict | None = None,
+        vision_config: dict | Any | None = None,
+        image_token_id: int | None = None,
+        image_gen_token_id: int | None = None,
+        boi_token_id: int | None = None,
+        eoi_token_id: int | None = None,
         tie_word_embeddings: bool = False,
         pad_token_id: int | None = None,
         bos_token_id: int | None = None,
@@ -196,6 +221,19 @@ class Ernie5Config(PretrainedConfig):
         self.elastic_layer_retain_prob = elastic_layer_retain_prob
         self.elastic_width_full_prob = elastic_width_full_prob
         self.elastic_topk_full_prob = elastic_topk_full_prob
+        self.elastic_min_experts = (
+            elastic_min_experts if elastic_min_experts is not None else max(num_experts_per_tok, num_experts // 2)
+        )
+        self.elastic_min_top_k = elastic_min_top_k
+        self.elastic_source = dict(elastic_source) if elastic_source is not None else None
+        # Vision (issue 5): None keeps the model text-only. Placeholder ids index the text vocabulary.
+        if isinstance(vision_config, dict):
+            vision_config = Ernie5VisionConfig(**vision_config)
+        self.vision_config = vision_config
+        self.image_token_id = image_token_id
+        self.image_gen_token_id = image_gen_token_id
+        self.boi_token_id = boi_token_id
+        self.eoi_token_id = eoi_token_id
         # TRL reads `config.auto_map` without a guard; it must be an instance attribute (a class-level dict
         # would be shared and mutated by `register_for_auto_class`).
         self.auto_map = kwargs.pop("auto_map", None) or {}
@@ -254,8 +292,35 @@ class Ernie5Config(PretrainedConfig):
             value = getattr(self, name)
             if not (value >= 0 and math.isfinite(value)):
                 raise ValueError(f"Ernie5Config.{name} must be a finite number >= 0, got {value}")
+        if not (isinstance(self.elastic_min_experts, int) and 1 <= self.elastic_min_experts <= self.num_experts):
+            raise ValueError(
+                f"Ernie5Config.elastic_min_experts must be an integer in [1, num_experts={self.num_experts}], "
+                f"got {self.elastic_min_experts!r}"
+            )
+        if not (isinstance(self.elastic_min_top_k, int) and 1 <= self.elastic_min_top_k <= self.num_experts_per_tok):
+            raise ValueError(
+                f"Ernie5Config.elastic_min_top_k must be an integer in [1, num_experts_per_tok="
+                f"{self.num_experts_per_tok}], got {self.elastic_min_top_k!r}"
+            )
+        if self.elastic_source is not None and not isinstance(self.elastic_source, dict):
+            raise ValueError(f"Ernie5Config.elastic_source must be a dict or None, got {type(self.elastic_source)}")
         if self.rope_theta <= 0:
             raise ValueError(f"Ernie5Config.rope_theta must be positive, got {self.rope_theta}")
+        if self.vision_config is not None:
+            if not isinstance(self.vision_config, Ernie5VisionConfig):
+                raise ValueError(
+                    f"Ernie5Config.vision_config must be an Ernie5VisionConfig or a dict, got {type(self.vision_config)}"
+                )
+            for name in ("image_token_id", "image_gen_token_id", "boi_token_id", "eoi_token_id"):
+                value = getattr(self, name)
+                if not isinstance(value, int) or not 0 <= value < self.vocab_size:
+                    raise ValueError(
+                        f"Ernie5Config.{name} must be a token id in [0, vocab_size={self.vocab_size}) when "
+                        f"vision_config is set, got {value!r}"
+                    )
+            ids = [self.image_token_id, self.image_gen_token_id, self.boi_token_id, self.eoi_token_id]
+            if len(set(ids)) != 4:
+                raise ValueError(f"Ernie5Config image/BOI/EOI token ids must be distinct, got {ids}")
 
     @classmethod
     def from_preset(cls, name: str, **overrides) -> "Ernie5Config":

@@ -54,4 +54,20 @@ def build_attention_mask(
     return to_additive(allowed, dtype)
 
 
-__all__ = ["build_attention_mask", "causal_allowed", "to_additive"]
+def build_block_causal_mask(
+    block_ids: torch.Tensor, attention_mask: torch.Tensor | None, dtype: torch.dtype
+) -> torch.Tensor:
+    """Scale-wise block-causal mask (ERNIE 5.0 §2.2.3): bidirectional within a block, causal across blocks.
+
+    `block_ids` (B, L) must be non-decreasing along each row: every text token is its own block (so text stays
+    causal), all tokens of one image scale (or one understanding image) share a block, and later scales and frames
+    get larger ids. Query q may attend key k iff block[k] <= block[q] and k is not padding.
+    Returns the additive (B, 1, L, L) mask that `build_attention_mask` passes through unchanged.
+    """
+    allowed = block_ids[:, None, :] <= block_ids[:, :, None]
+    if attention_mask is not None:
+        allowed = allowed & attention_mask.to(torch.bool)[:, None, :]
+    return to_additive(allowed, dtype)
+
+
+__all__ = ["build_attention_mask", "build_block_causal_mask", "causal_allowed", "to_additive"]

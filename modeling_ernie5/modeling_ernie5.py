@@ -29,6 +29,7 @@ from .elastic import ElasticSpec
 from .masks import build_attention_mask
 from .moe import Ernie5Experts, Ernie5MLP, Ernie5SparseMoeBlock, Ernie5TopKRouter
 from .rope import Ernie5UniRotaryEmbedding, apply_rotary_pos_emb
+from .vision import Ernie5VisionModel, flip_bits
 
 # transformers renamed the cache argument and output field from `past_key_values` to `cache` during 5.x; build
 # outputs with whichever name the installed version declares.
@@ -177,7 +178,7 @@ class Ernie5PreTrainedModel(PreTrainedModel):
     _supports_attention_backend = True
     _can_compile_fullgraph = False  # the router's per-expert dispatch is data dependent
     # Routing is precision-sensitive: the router weight and its balancing bias stay fp32 whatever the model dtype.
-    _keep_in_fp32_modules_strict = ["gate"]
+    _keep_in_fp32_modules_strict = ["mlp.gate.weight", "e_score_correction_bias"]
     _keys_to_ignore_on_load_unexpected = [r"mlp\.gate\.expert_load"]
 
     @torch.no_grad()
@@ -232,6 +233,8 @@ class Ernie5Model(Ernie5PreTrainedModel):
         self.layers = nn.ModuleList(Ernie5DecoderLayer(config, i) for i in range(config.num_hidden_layers))
         self.norm = Ernie5RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.rotary_emb = Ernie5UniRotaryEmbedding(config)
+        # Vision understanding and next-scale inputs (issue 5); text-only models have none.
+        self.vision = Ernie5VisionModel(config.vision_config, config.hidden_size) if config.vision_config else None
         self.gradient_checkpointing = False
         self.post_init()
 
@@ -240,6 +243,52 @@ class Ernie5Model(Ernie5PreTrainedModel):
 
     def set_input_embeddings(self, value):
         self.embed_tokens = value
+
+    def embed_inputs(self, input_ids: torch.LongTensor, **multimodal_inputs) -> torch.Tensor:
+        """Token embeddings, with non-text features placed at their placeholder tokens.
+
+        Multimodal merging lives here, in the backbone, because TRL and `generate` call the backbone directly.
+        Pixel inputs are absent on cached decode steps; then only text embeddings are returned.
+
+        Args:
+            pixel_values (`torch.FloatTensor` of shape `(num_images, C, H, W)`, *optional*):
+                Images to understand, in the order of their placeholder runs (row by row); their merged features
+                replace the `image_token_id` embeddings.
+            image_gen_bits (`list[torch.Tensor]`, *optional*):
+                Per scale, `(num_images, s, s, bits)` tokens of the images being generated (teacher forcing); the
+                next-scale inputs built from them replace the `image_gen_token_id` embeddings. In training the
+                history is corrupted by bit flips (`vision_config.bit_flip_prob`).
+        """
+        embeds = self.embed_tokens(input_ids)
+        pixel_values = multimodal_inputs.get("pixel_values")
+        gen_bits = multimodal_inputs.get("image_gen_bits")
+        if self.vision is None:
+            if pixel_values is not None or gen_bits is not None:
+                raise ValueError("image inputs were given to a text-only Ernie5 model (config.vision_config is None)")
+            return embeds
+        if pixel_values is not None:
+            slots = input_ids == self.config.image_token_id
+            per_image = self.config.vision_config.understanding_tokens_per_image
+            if int(slots.sum()) != pixel_values.shape[0] * per_image:
+                raise ValueError(
+                    f"{int(slots.sum())} image placeholder tokens but {pixel_values.shape[0]} images x {per_image} "
+                    "tokens each; build inputs with Ernie5Processor"
+                )
+            features = self.vision.understand(pixel_values).to(embeds.dtype)
+            embeds = embeds.masked_scatter(slots.unsqueeze(-1), features)
+        if gen_bits is not None:
+            slots = input_ids == self.config.image_gen_token_id
+            n_images = gen_bits[0].shape[0]
+            per_image = self.config.vision_config.generation_tokens_per_image
+            if int(slots.sum()) != n_images * per_image:
+                raise ValueError(
+                    f"{int(slots.sum())} generation placeholder tokens but {n_images} images x {per_image} tokens each"
+                )
+            history = flip_bits(gen_bits, self.config.vision_config.bit_flip_prob) if self.training else gen_bits
+            scales = self.vision.scale_inputs(history, len(self.vision.scale_schedule))
+            features = torch.cat(scales, dim=1).to(embeds.dtype)
+            embeds = embeds.masked_scatter(slots.unsqueeze(-1), features)
+        return embeds
 
     def routers(self) -> list[Ernie5TopKRouter]:
         return [layer.mlp.gate for layer in self.layers if layer.is_moe]
@@ -279,7 +328,7 @@ class Ernie5Model(Ernie5PreTrainedModel):
             output_router_logits if output_router_logits is not None else self.config.output_router_logits
         )
         if inputs_embeds is None:
-            inputs_embeds = self.embed_tokens(input_ids)
+            inputs_embeds = self.embed_inputs(input_ids, **kwargs)
         if use_cache and cache is None:
             cache = DynamicCache(config=self.config)
         if not use_cache:
@@ -485,7 +534,8 @@ class Ernie5ForCausalLM(Ernie5PreTrainedModel, GenerationMixin):
         if labels is not None:
             lm_loss = self.loss_function(logits, labels, self.vocab_size, **kwargs)
             loss = lm_loss
-            if len(self.mtp) and input_ids is not None:
+            # MTP is a training objective only: evaluation losses stay comparable to models without it.
+            if len(self.mtp) and input_ids is not None and self.training:
                 mtp_loss = self._mtp_loss(outputs, input_ids, attention_mask, position_ids, labels, elastic_spec, **kwargs)
                 loss = loss + self.config.mtp_loss_weight * mtp_loss
         if outputs.router_logits and outputs.routing_indices:

@@ -23,6 +23,7 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 from torch import nn
+from transformers.integrations.moe import use_experts_implementation
 
 logger = logging.getLogger(__name__)
 
@@ -95,9 +96,17 @@ class Ernie5MLP(nn.Module):
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
 
 
+@use_experts_implementation(is_transposed=True)
 class Ernie5Experts(nn.Module):
     """Routed SwiGLU experts stored as 3D parameters so peft `target_parameters`, expert-parallel plans and
-    kernels address them: `gate_up_proj` (E, D, 2F) holding [gate | up], `down_proj` (E, F, D)."""
+    kernels address them: `gate_up_proj` (E, D, 2F) holding [gate | up], `down_proj` (E, F, D).
+
+    Two switches reach the expert compute. transformers' `config._experts_implementation` (set by
+    `from_pretrained(..., experts_implementation=...)` or `model.set_experts_implementation(...)`) picks a
+    function from its `ExpertsInterface`: its own `"grouped_mm"` / `"batched_mm"` (which accept our transposed
+    (E, in, out) layout) or the `"ernie5_*"` names the kernels package registers. `"eager"` (and `None`) runs
+    `forward` below, which asks this file's registry for `config.experts_backend` (`"auto"`: our fastest).
+    """
 
     def __init__(self, config):
         super().__init__()
@@ -106,10 +115,39 @@ class Ernie5Experts(nn.Module):
         d, f = config.hidden_size, config.moe_intermediate_size
         self.gate_up_proj = nn.Parameter(torch.empty(config.num_experts, d, 2 * f))
         self.down_proj = nn.Parameter(torch.empty(config.num_experts, f, d))
+        self.act_fn = F.silu  # read by transformers' back-ends
+
+    # Elastic top-k marks empty slots with transformers' expert-parallel sentinel (index >= E, weight 0) even on
+    # one device, so its back-ends must always run their sentinel masking. The experts decorator assigns False
+    # after __init__; the setter ignores that (expert-parallel sharding assigns True, which changes nothing).
+    @property
+    def _is_expert_parallel(self) -> bool:
+        return True
+
+    @_is_expert_parallel.setter
+    def _is_expert_parallel(self, value: bool) -> None:
+        pass
 
     def forward(self, x_TD: torch.Tensor, idx_TK: torch.Tensor, w_TK: torch.Tensor) -> torch.Tensor:
         run = resolve_experts_backend(getattr(self.config, "experts_backend", "auto"), x_TD)
         return run(x_TD, self.gate_up_proj, self.down_proj, idx_TK, w_TK)
+
+
+class Ernie5ExpertsSwitchMixin:
+    """Mixin for `Ernie5PreTrainedModel` (list it before `PreTrainedModel`) wiring transformers' experts switch.
+
+    transformers decides whether `set_experts_implementation` may act by searching the *model* file's source for
+    its decorator, which lives here in `moe.py`; and it turns an unset choice into its own `"grouped_mm"`. We
+    answer the first directly and map "unset" to `"eager"`, i.e. `Ernie5Experts.forward` and our registry
+    (`config.experts_backend`, `"auto"` = fastest available), so the default stays our fastest back-end.
+    """
+
+    @classmethod
+    def _can_set_experts_implementation(cls) -> bool:
+        return True
+
+    def get_correct_experts_implementation(self, requested_experts: str | None) -> str:
+        return super().get_correct_experts_implementation("eager" if requested_experts is None else requested_experts)
 
 
 class Ernie5TopKRouter(nn.Module):
@@ -130,6 +168,15 @@ class Ernie5TopKRouter(nn.Module):
         self.register_buffer("e_score_correction_bias", torch.zeros(config.num_experts, dtype=torch.float32))
         # Tokens routed to each expert by full-configuration training forwards since the last bias update.
         self.register_buffer("expert_load", torch.zeros(config.num_experts, dtype=torch.float32), persistent=False)
+
+    def _apply(self, fn, recurse=True):
+        # `.to(bfloat16)` would cast the balancing state too; a 1e-4 bias step vanishes in bf16, so keep it fp32.
+        super()._apply(fn, recurse)
+        for name in ("e_score_correction_bias", "expert_load"):
+            buf = getattr(self, name)
+            if buf is not None and buf.is_floating_point() and buf.dtype != torch.float32:
+                setattr(self, name, buf.float())
+        return self
 
     def forward(
         self,
@@ -224,6 +271,7 @@ class Ernie5SparseMoeBlock(nn.Module):
 __all__ = [
     "EXPERTS_BACKENDS",
     "Ernie5Experts",
+    "Ernie5ExpertsSwitchMixin",
     "Ernie5MLP",
     "Ernie5SparseMoeBlock",
     "Ernie5TopKRouter",

@@ -72,4 +72,30 @@ def apply_rotary_pos_emb(q, k, cos, sin):
     return (q * cos) + (rotate_half(q) * sin), (k * cos) + (rotate_half(k) * sin)
 
 
-__all__ = ["Ernie5UniRotaryEmbedding", "apply_rotary_pos_emb", "text_position_ids", "pair_axes"]
+def centered_grid_positions(grid: int, full: int) -> torch.Tensor:
+    """Row (or column) coordinates of a `grid`-cell scale on a `full`-cell grid, centre-aligned (ERNIE 5.0 §2.2.3).
+
+    Cell i covers [i * full / grid, (i + 1) * full / grid) of the full grid, so its centre sits at
+    (i + 0.5) * full / grid - 0.5 in full-grid units; the finest scale gets 0, 1, ..., full - 1 and coarser
+    scales fractional positions between them (the report says scales align on their geometric centres).
+    """
+    return (torch.arange(grid, dtype=torch.float32) + 0.5) * (full / grid) - 0.5
+
+
+def image_position_ids(grid: int, full: int, start: float) -> torch.Tensor:
+    """(3, grid * grid) Uni-RoPE triples of one image scale in row-major order: t = start (the image's frame
+    index continues the text counter), h and w = start + centre-aligned row / column."""
+    coords = centered_grid_positions(grid, full)
+    rows = coords[:, None].expand(grid, grid).reshape(-1)
+    cols = coords[None, :].expand(grid, grid).reshape(-1)
+    return torch.stack([torch.full_like(rows, 0.0), rows, cols]) + start
+
+
+__all__ = [
+    "Ernie5UniRotaryEmbedding",
+    "apply_rotary_pos_emb",
+    "centered_grid_positions",
+    "image_position_ids",
+    "pair_axes",
+    "text_position_ids",
+]

@@ -143,7 +143,8 @@ class SortedExpertsFunction(torch.autograd.Function):
         silu_SF = gate_SF * sig_SF
         a_SF = silu_SF * up_SF
         if need_w:
-            dw_S = (g_SF.float() * a_SF.float()).sum(-1)  # = <dout_t, y_s>: d out / d w for this pair
+            acc = _accumulate_dtype(x_TD.dtype)
+            dw_S = (g_SF.to(acc) * a_SF.to(acc)).sum(-1)  # = <dout_t, y_s>: d out / d w for this pair
             dw_TK = torch.zeros(w_TK.numel(), dtype=w_TK.dtype, device=w_TK.device)
             dw_TK[order_S] = dw_S.to(w_TK.dtype)
             dw_TK = dw_TK.view_as(w_TK)

@@ -1,0 +1,358 @@
+"""Triton kernels and their launchers for the ERNIE 5.0 experts (research note moe_kernels.md §2.3).
+
+The layout is the sorted one of `..routing.ExpertGroups`: the (token, slot) pairs of a call sorted by expert, each
+expert a contiguous run of rows. The kernels never materialise a permuted copy of the tokens:
+
+- `grouped_gemm`: C[r] = A[gather[r] or r] @ B[expert(r)] over M-blocks that each belong to one expert
+  (vLLM-style block metadata; only the block *indices* are padded, never the data). The gather (permute) is fused
+  into the A load; B may be any strided view, so the backward uses transposed weights without copies. With
+  `swiglu=True` one launch computes both the gate and the up tile and writes `silu(gate) * up * w` (the
+  combine weight applied in the epilogue) plus, for training, the pre-activation `h`.
+- `grouped_gemm_tn`: per-expert C[e] = A[rows_e]^T @ B[rows_e] with either side gathered (weight gradients,
+  ScatterMoE's `groupXtY`).
+- `swiglu_backward`: from g = dY_s Wd^T and h, writes dh (weighted), the weighted activation for dWd and the
+  combine-weight gradient <g, silu(gate) * up> in one pass.
+- `unpermute_sum`: out[t] = sum_k Y[pos[t, k]], a deterministic gather-reduce instead of atomic scatter-adds.
+
+Numerics: every product accumulates in fp32 (fp64 for fp64 inputs). bf16/fp16 operands go to `tl.dot` as they
+are on a GPU (tensor cores) but are up-cast first under the interpreter, which cannot do bf16 arithmetic; fp32
+`tl.dot` uses IEEE precision (no TF32) so GPU results match the interpreter and the reference.
+Only the launchers below are called from outside (by `functions.py`).
+
+Legend: T tokens, D hidden, F expert hidden, E experts, K slots per token, S sorted pairs, NB M-blocks.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+# Read once, when this module is imported (the same moment `@triton.jit` decides interpreter vs. compiler).
+INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+_TL_DTYPES = {torch.float32: tl.float32, torch.float64: tl.float64, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
+
+
+def _acc_dtype(dtype: torch.dtype):
+    return tl.float64 if dtype == torch.float64 else tl.float32
+
+
+def _upcast(dtype: torch.dtype) -> bool:
+    # The interpreter computes on bf16/fp16 bit patterns; fp32/fp64 are "upcast" to themselves (a no-op).
+    return INTERPRETED or dtype in (torch.float32, torch.float64)
+
+
+def _gemm_configs():
+    """Tile candidates for autotuning on a GPU; the interpreter accepts exactly one config."""
+    if INTERPRETED:
+        return [triton.Config({"BLOCK_N": 32, "BLOCK_K": 32}, num_warps=4, num_stages=1)]
+    return [
+        triton.Config({"BLOCK_N": bn, "BLOCK_K": bk}, num_warps=w, num_stages=s)
+        for bn, bk, w, s in [(64, 32, 4, 3), (128, 32, 4, 4), (128, 64, 8, 3), (64, 64, 4, 4), (256, 64, 8, 3)]
+    ]
+
+
+def _tn_configs():
+    if INTERPRETED:
+        return [triton.Config({"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_R": 32}, num_warps=4, num_stages=1)]
+    return [
+        triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_R": br}, num_warps=w, num_stages=s)
+        for bm, bn, br, w, s in [(64, 64, 32, 4, 3), (128, 128, 32, 8, 3), (128, 64, 64, 4, 3), (64, 128, 64, 4, 4)]
+    ]
+
+
+# --------------------------------------------------------------------------------------------- grouped GEMM
+
+
+@triton.autotune(configs=_gemm_configs(), key=["N", "K", "SWIGLU"])
+@triton.jit
+def _grouped_gemm_kernel(
+    a_ptr, b_ptr, c_ptr, h_ptr, w_ptr, gather_ptr,
+    block_expert_ptr, block_row_ptr, block_end_ptr,
+    N, K,
+    stride_am, stride_ak, stride_be, stride_bk, stride_bn, stride_cm, stride_cn, stride_hm,
+    GATHER: tl.constexpr, SWIGLU: tl.constexpr, STORE_H: tl.constexpr, UPCAST: tl.constexpr,
+    ACC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    expert = tl.load(block_expert_ptr + pid_m).to(tl.int64)
+    row0 = tl.load(block_row_ptr + pid_m)
+    row_end = tl.load(block_end_ptr + pid_m)
+    rows = row0 + tl.arange(0, BLOCK_M)
+    row_mask = rows < row_end
+    if GATHER:
+        a_rows = tl.load(gather_ptr + rows, mask=row_mask, other=0).to(tl.int64)
+    else:
+        a_rows = rows.to(tl.int64)
+    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    col_mask = cols < N
+    b_base = b_ptr + expert * stride_be
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=ACC)
+    acc_up = tl.zeros((BLOCK_M, BLOCK_N), dtype=ACC)
+    for k0 in range(0, K, BLOCK_K):
+        ks = k0 + tl.arange(0, BLOCK_K)
+        k_mask = ks < K
+        a = tl.load(a_ptr + a_rows[:, None] * stride_am + ks[None, :] * stride_ak,
+                    mask=row_mask[:, None] & k_mask[None, :], other=0.0)
+        b = tl.load(b_base + ks[:, None] * stride_bk + cols[None, :] * stride_bn,
+                    mask=k_mask[:, None] & col_mask[None, :], other=0.0)
+        if UPCAST:
+            acc += tl.dot(a.to(ACC), b.to(ACC), input_precision="ieee", out_dtype=ACC)
+        else:
+            acc += tl.dot(a, b, out_dtype=ACC)
+        if SWIGLU:
+            # The up half sits N columns after the gate half of the same [gate | up] weight.
+            b_up = tl.load(b_base + ks[:, None] * stride_bk + (cols[None, :] + N) * stride_bn,
+                           mask=k_mask[:, None] & col_mask[None, :], other=0.0)
+            if UPCAST:
+                acc_up += tl.dot(a.to(ACC), b_up.to(ACC), input_precision="ieee", out_dtype=ACC)
+            else:
+                acc_up += tl.dot(a, b_up, out_dtype=ACC)
+    out_mask = row_mask[:, None] & col_mask[None, :]
+    if SWIGLU:
+        if STORE_H:
+            h_offs = rows[:, None].to(tl.int64) * stride_hm + cols[None, :]
+            tl.store(h_ptr + h_offs, acc.to(h_ptr.dtype.element_ty), mask=out_mask)
+            tl.store(h_ptr + h_offs + N, acc_up.to(h_ptr.dtype.element_ty), mask=out_mask)
+        w = tl.load(w_ptr + rows, mask=row_mask, other=0.0).to(ACC)
+        acc = acc / (1.0 + tl.exp(-acc)) * acc_up * w[:, None]
+    c_offs = rows[:, None].to(tl.int64) * stride_cm + cols[None, :] * stride_cn
+    tl.store(c_ptr + c_offs, acc.to(c_ptr.dtype.element_ty), mask=out_mask)
+
+
+def block_layout(counts_E: torch.Tensor, offsets_E: torch.Tensor, block_m: int):
+    """M-block metadata: for every block of at most `block_m` rows inside one expert's run, its expert, first row
+    and the end of that expert's run. Empty experts get no block."""
+    blocks_E = torch.div(counts_E + block_m - 1, block_m, rounding_mode="floor")
+    num_blocks = int(blocks_E.sum())  # sync point: the grid size is needed on the host
+    experts = torch.arange(counts_E.shape[0], device=counts_E.device)
+    block_expert = torch.repeat_interleave(experts, blocks_E, output_size=num_blocks)
+    first_block_E = blocks_E.cumsum(0) - blocks_E
+    local = torch.arange(num_blocks, device=counts_E.device) - first_block_E[block_expert]
+    starts_E = offsets_E - counts_E
+    block_row = starts_E[block_expert] + local * block_m
+    block_end = offsets_E[block_expert]
+    return block_expert.to(torch.int32), block_row.to(torch.int32), block_end.to(torch.int32)
+
+
+def pick_block_m(num_rows: int, num_experts: int) -> int:
+    """Rows per M-block: small when experts see few tokens (decode), large when they are GEMM-sized."""
+    if INTERPRETED:
+        return 32
+    per_expert = num_rows / max(num_experts, 1)
+    return 16 if per_expert <= 16 else 64 if per_expert <= 256 else 128
+
+
+def grouped_gemm(
+    a: torch.Tensor,
+    b_EKN: torch.Tensor,
+    layout,
+    num_rows: int,
+    gather: torch.Tensor | None = None,
+    swiglu: bool = False,
+    w_S: torch.Tensor | None = None,
+    store_h: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Grouped GEMM over the sorted rows; returns `(C, h)` where `h` is only set for `swiglu=True, store_h=True`.
+
+    Args:
+        a: (rows of A, K); row r of the output reads A[gather[r]] if `gather` is given, else A[r].
+        b_EKN: (E, K, N') per-expert right operand (any strides). With `swiglu`, N' = 2N holding [gate | up].
+        layout: `(block_expert, block_row, block_end, block_m)` from `block_layout`.
+        num_rows: S, the number of sorted rows (output rows).
+        w_S: (S,) combine weights, applied in the SwiGLU epilogue.
+    """
+    block_expert, block_row, block_end, block_m = layout
+    num_k = a.shape[1]
+    if b_EKN.shape[1] != num_k:
+        raise ValueError(f"inner sizes differ: A has {num_k}, B has {b_EKN.shape[1]}")
+    n_out = b_EKN.shape[2] // 2 if swiglu else b_EKN.shape[2]
+    c = a.new_empty(num_rows, n_out)
+    h = a.new_empty(num_rows, 2 * n_out) if (swiglu and store_h) else None
+    if num_rows == 0 or block_expert.numel() == 0:
+        return c, h
+    dummy = c
+    grid = lambda meta: (block_expert.numel(), triton.cdiv(n_out, meta["BLOCK_N"]))  # noqa: E731
+    _grouped_gemm_kernel[grid](
+        a, b_EKN, c, h if h is not None else dummy, w_S if w_S is not None else dummy,
+        gather if gather is not None else block_row,
+        block_expert, block_row, block_end,
+        n_out, num_k,
+        a.stride(0), a.stride(1), b_EKN.stride(0), b_EKN.stride(1), b_EKN.stride(2), c.stride(0), c.stride(1),
+        h.stride(0) if h is not None else 0,
+        GATHER=gather is not None, SWIGLU=swiglu, STORE_H=h is not None, UPCAST=_upcast(a.dtype),
+        ACC=_acc_dtype(a.dtype), BLOCK_M=block_m,
+    )
+    return c, h
+
+
+# ------------------------------------------------------------------------------------- grouped A^T B (dW)
+
+
+@triton.autotune(configs=_tn_configs(), key=["M", "N"])
+@triton.jit
+def _grouped_gemm_tn_kernel(
+    a_ptr, b_ptr, c_ptr, a_gather_ptr, b_gather_ptr, offsets_ptr, counts_ptr,
+    M, N,
+    stride_ar, stride_am, stride_br, stride_bn, stride_ce, stride_cm, stride_cn,
+    A_GATHER: tl.constexpr, B_GATHER: tl.constexpr, UPCAST: tl.constexpr, ACC: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
+):
+    expert = tl.program_id(0).to(tl.int64)
+    tile = tl.program_id(1)
+    tiles_n = tl.cdiv(N, BLOCK_N)
+    ms = (tile // tiles_n) * BLOCK_M + tl.arange(0, BLOCK_M)
+    ns = (tile % tiles_n) * BLOCK_N + tl.arange(0, BLOCK_N)
+    m_mask = ms < M
+    n_mask = ns < N
+    end = tl.load(offsets_ptr + expert)
+    start = end - tl.load(counts_ptr + expert)
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=ACC)
+    for r0 in range(start, end, BLOCK_R):
+        rows = r0 + tl.arange(0, BLOCK_R)
+        r_mask = rows < end
+        if A_GATHER:
+            a_rows = tl.load(a_gather_ptr + rows, mask=r_mask, other=0).to(tl.int64)
+        else:
+            a_rows = rows.to(tl.int64)
+        if B_GATHER:
+            b_rows = tl.load(b_gather_ptr + rows, mask=r_mask, other=0).to(tl.int64)
+        else:
+            b_rows = rows.to(tl.int64)
+        # A^T tile loaded directly as (BLOCK_M, BLOCK_R): no transpose of data.
+        a_t = tl.load(a_ptr + a_rows[None, :] * stride_ar + ms[:, None] * stride_am,
+                      mask=m_mask[:, None] & r_mask[None, :], other=0.0)
+        b = tl.load(b_ptr + b_rows[:, None] * stride_br + ns[None, :] * stride_bn,
+                    mask=r_mask[:, None] & n_mask[None, :], other=0.0)
+        if UPCAST:
+            acc += tl.dot(a_t.to(ACC), b.to(ACC), input_precision="ieee", out_dtype=ACC)
+        else:
+            acc += tl.dot(a_t, b, out_dtype=ACC)
+    c_offs = expert * stride_ce + ms[:, None] * stride_cm + ns[None, :] * stride_cn
+    tl.store(c_ptr + c_offs, acc.to(c_ptr.dtype.element_ty), mask=m_mask[:, None] & n_mask[None, :])
+
+
+def grouped_gemm_tn(
+    a: torch.Tensor,
+    b: torch.Tensor,
+    counts_E: torch.Tensor,
+    offsets_E: torch.Tensor,
+    out_dtype: torch.dtype,
+    a_gather: torch.Tensor | None = None,
+    b_gather: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Per-expert `A[rows_e]^T @ B[rows_e]` -> (E, M, N); sorted row r reads A[a_gather[r]] / B[b_gather[r]]."""
+    num_experts = counts_E.shape[0]
+    m, n = a.shape[1], b.shape[1]
+    c = torch.empty(num_experts, m, n, dtype=out_dtype, device=a.device)
+    if num_experts == 0:
+        return c
+
+    def grid(meta):
+        return (num_experts, triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]))
+
+    _grouped_gemm_tn_kernel[grid](
+        a, b, c,
+        a_gather if a_gather is not None else offsets_E, b_gather if b_gather is not None else offsets_E,
+        offsets_E, counts_E,
+        m, n,
+        a.stride(0), a.stride(1), b.stride(0), b.stride(1), c.stride(0), c.stride(1), c.stride(2),
+        A_GATHER=a_gather is not None, B_GATHER=b_gather is not None, UPCAST=_upcast(a.dtype),
+        ACC=_acc_dtype(a.dtype),
+    )
+    return c
+
+
+# ----------------------------------------------------------------------------------------- SwiGLU backward
+
+
+@triton.jit
+def _swiglu_backward_kernel(
+    g_ptr, h_ptr, w_ptr, dh_ptr, aw_ptr, dw_ptr,
+    num_rows, F,
+    stride_g, stride_h, stride_dh, stride_aw,
+    ACC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_F: tl.constexpr,
+):
+    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    r_mask = rows < num_rows
+    rows64 = rows.to(tl.int64)
+    w = tl.load(w_ptr + rows, mask=r_mask, other=0.0).to(ACC)
+    dw = tl.zeros((BLOCK_M,), dtype=ACC)
+    for f0 in range(0, F, BLOCK_F):
+        fs = f0 + tl.arange(0, BLOCK_F)
+        mask = r_mask[:, None] & (fs < F)[None, :]
+        g = tl.load(g_ptr + rows64[:, None] * stride_g + fs[None, :], mask=mask, other=0.0).to(ACC)
+        gate = tl.load(h_ptr + rows64[:, None] * stride_h + fs[None, :], mask=mask, other=0.0).to(ACC)
+        up = tl.load(h_ptr + rows64[:, None] * stride_h + fs[None, :] + F, mask=mask, other=0.0).to(ACC)
+        sig = 1.0 / (1.0 + tl.exp(-gate))
+        silu = gate * sig
+        act = silu * up
+        dw += tl.sum(g * act, axis=1)
+        gw = g * w[:, None]
+        tl.store(aw_ptr + rows64[:, None] * stride_aw + fs[None, :], (act * w[:, None]).to(aw_ptr.dtype.element_ty), mask=mask)
+        d_gate = gw * up * sig * (1.0 + gate * (1.0 - sig))
+        tl.store(dh_ptr + rows64[:, None] * stride_dh + fs[None, :], d_gate.to(dh_ptr.dtype.element_ty), mask=mask)
+        tl.store(dh_ptr + rows64[:, None] * stride_dh + fs[None, :] + F, (gw * silu).to(dh_ptr.dtype.element_ty), mask=mask)
+    tl.store(dw_ptr + rows, dw.to(dw_ptr.dtype.element_ty), mask=r_mask)
+
+
+def swiglu_backward(g_SF: torch.Tensor, h_SF2: torch.Tensor, w_S: torch.Tensor):
+    """From g = dY_s Wd^T (unweighted) and the pre-activation h = [gate | up]: returns
+    `(dh_SF2, aw_SF, dw_S)` with dh the gradient of h (combine weight applied), aw = w * silu(gate) * up (the left
+    operand of dWd) and dw the combine-weight gradient <g, silu(gate) * up> (in the accumulation dtype)."""
+    num_rows, inter = g_SF.shape
+    dh = torch.empty_like(h_SF2)
+    aw = torch.empty_like(g_SF)
+    acc_torch = torch.float64 if g_SF.dtype == torch.float64 else torch.float32
+    dw = torch.empty(num_rows, dtype=acc_torch, device=g_SF.device)
+    if num_rows == 0:
+        return dh, aw, dw
+    block_m, block_f = (32, 32) if INTERPRETED else (32, 128)
+    _swiglu_backward_kernel[(triton.cdiv(num_rows, block_m),)](
+        g_SF, h_SF2, w_S, dh, aw, dw, num_rows, inter,
+        g_SF.stride(0), h_SF2.stride(0), dh.stride(0), aw.stride(0),
+        ACC=_acc_dtype(g_SF.dtype), BLOCK_M=block_m, BLOCK_F=block_f,
+    )
+    return dh, aw, dw
+
+
+# ------------------------------------------------------------------------------------ un-permute and sum
+
+
+@triton.jit
+def _unpermute_sum_kernel(
+    y_ptr, pos_ptr, out_ptr, num_tokens, D, stride_y, stride_out,
+    TOP_K: tl.constexpr, ACC: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    toks = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
+    ds = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
+    t_mask = toks < num_tokens
+    d_mask = ds < D
+    acc = tl.zeros((BLOCK_T, BLOCK_D), dtype=ACC)
+    for k in range(TOP_K):
+        pos = tl.load(pos_ptr + toks.to(tl.int64) * TOP_K + k, mask=t_mask, other=-1).to(tl.int64)
+        valid = pos >= 0  # -1 marks an empty slot (sentinel expert)
+        y = tl.load(y_ptr + pos[:, None] * stride_y + ds[None, :], mask=valid[:, None] & d_mask[None, :], other=0.0)
+        acc += y.to(ACC)
+    tl.store(out_ptr + toks.to(tl.int64)[:, None] * stride_out + ds[None, :], acc.to(out_ptr.dtype.element_ty),
+             mask=t_mask[:, None] & d_mask[None, :])
+
+
+def unpermute_sum(y_SD: torch.Tensor, pos_TK: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:
+    """out[t] = sum_k y[pos[t, k]] (skipping pos = -1): back from the sorted layout to tokens, deterministically."""
+    num_tokens, top_k = pos_TK.shape
+    hidden = y_SD.shape[1]
+    out = torch.empty(num_tokens, hidden, dtype=out_dtype, device=y_SD.device)
+    if num_tokens == 0:
+        return out
+    block_t, block_d = (16, 32) if INTERPRETED else (16, 128)
+    grid = (triton.cdiv(num_tokens, block_t), triton.cdiv(hidden, block_d))
+    _unpermute_sum_kernel[grid](
+        y_SD, pos_TK, out, num_tokens, hidden, y_SD.stride(0), out.stride(0),
+        TOP_K=top_k, ACC=_acc_dtype(y_SD.dtype), BLOCK_T=block_t, BLOCK_D=block_d,
+    )
+    return out

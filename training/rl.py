@@ -1,0 +1,889 @@
+"""RL post-training with TRL's GRPO/GSPO and ERNIE 5.0's stabilisers (ERNIE 5.0 §4, §5.4; DESIGN.md §1).
+
+`RLConfig` extends TRL's `GRPOConfig` with one switch (and its parameters) per stabiliser; `RLTrainer` extends
+`GRPOTrainer` and works with ERNIE 5.0 models and with any causal LM (the MoE-only parts, routing replay and
+per-expert load, switch themselves off, or refuse, for dense models). The arithmetic lives in
+`training/rl_stabilisers.py`; this file wires it into TRL's rollout and loss:
+
+- **Rollout engine.** Without vLLM, completions come from `generate` on the policy itself or, when `rollout_dtype` /
+  `rollout_experts_backend` differ from training, on a separate copy of the policy held in that precision / expert
+  back-end and re-synced after every optimiser step (what a bf16/FP8 inference engine is to an fp32 trainer). While
+  generating, forward hooks on the MoE blocks record the experts each call chose, and the sampled tokens' log-probs
+  are kept, so the train/rollout mismatch is measured on every batch.
+- **Routing replay (R3).** Choice made here: routing is captured *per generation step* (prefill, then one call per
+  sampled token), which is the routing the rollout really used, instead of re-running the rollout policy over the
+  finished sequence. It is laid out as (B, n_moe_layers, L, K) and handed to the backbone in every training-side
+  forward through a forward pre-hook on `model.base_model`, because TRL's fused LM head calls the backbone directly.
+- **MISC** replaces TRL's loss: GSPO sequence ratio + clip, IcePop token mask on pi_train(theta_old)/pi_rollout.
+- **WPSM** scales the advantages of well-learned correct responses (equivalent to Eq. 4's `(1 - M_i)` factor because
+  the clipped surrogate is positively homogeneous in the advantage).
+- **AHRL** adds reference-reasoning prefixes to hard prompts before generation (so they are prompt tokens, never
+  trained on); pass@k of the starting model comes from a dataset column or is measured when training starts.
+- **U-RB** is `rl_stabilisers.UnbiasedReplayBuffer`; `hf_chunked_advance` drives it with HF `generate`. It is not yet
+  wired into GRPOTrainer's dataloader (see the closing note of issue 8).
+
+Logged every step besides TRL's own metrics: `mismatch/*` (train vs rollout log-prob gaps with and without replay,
+routing disagreement), `misc/*`, `wpsm/*`, `ahrl/*`, `moe/*` (per-expert load balance); `RLCurvesCallback` writes
+`rl_metrics.json` and `rl_curves.png` (reward and entropy over steps) into `output_dir`.
+
+Usage:
+
+```
+python training/rl.py --config rl.yaml
+accelerate launch training/rl.py --config rl.yaml            # several processes / GPUs
+python training/rl.py --model_name_or_path ./sft_model --dataset_name toy_world --reward_funcs toy_world \\
+    --output_dir runs/rl --use_cpu --bf16 false --gradient_checkpointing false --max_steps 20 --misc --routing_replay
+```
+A YAML or JSON config holds the same keys as the flags (`--config` accepts either).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import math
+import os
+import random
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from transformers import TrainerCallback
+from trl import GRPOConfig, GRPOTrainer
+
+from training.rl_stabilisers import (
+    HintScheduler,
+    Rollout,
+    SuccessRateTracker,
+    assemble_rollout_routing,
+    misc_per_token_loss,
+    pass_at_k,
+    routing_disagreement,
+    routing_for_forward,
+    wpsm_weights,
+)
+
+logger = logging.getLogger(__name__)
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass
+class RLConfig(GRPOConfig):
+    r"""
+    `GRPOConfig` plus ERNIE 5.0's RL stabilisers. Defaults that differ from TRL: `router_aux_loss_coef=0.0` (ERNIE 5.0
+    balances experts with its correction bias, and TRL would add Mixtral's loss instead of the model's own).
+
+    > Rollout engine
+
+    rollout_dtype (`str`, *optional*):
+        Precision of the generating copy (`"bfloat16"`, `"float16"`, `"float32"`); `None` generates with the policy.
+    rollout_experts_backend (`str`, *optional*):
+        Expert back-end of the generating copy (ERNIE 5.0 models only), e.g. `"reference"` vs the training `"cpu"`.
+    measure_mismatch (`bool`, *optional*, defaults to `True`):
+        Log train/rollout log-prob gaps with and without routing replay (one or two extra no-grad forwards per batch).
+
+    > Routing replay
+
+    routing_replay (`bool`, *optional*, defaults to `False`):
+        Reuse the experts chosen during rollout in every training forward (MoE models only).
+
+    > MISC
+
+    misc (`bool`, *optional*, defaults to `False`):
+        Sequence-level clipped ratio (GSPO) with a per-token IcePop mask on pi_train(theta_old)/pi_rollout.
+    misc_alpha, misc_beta (`float`, *optional*, defaults to 0.5 and 2.0):
+        The kept band of the train/rollout ratio (not given in the report).
+    misc_weight_by_ratio (`bool`, *optional*, defaults to `True`):
+        IcePop's `M(k) = k` inside the band; `False` uses a 0/1 mask.
+
+    > WPSM
+
+    wpsm (`bool`, *optional*, defaults to `False`):
+        Down-weight well-learned correct responses.
+    wpsm_tau, wpsm_eta, wpsm_alpha (`float`, *optional*, defaults to 0.8, 0.3, 1.0):
+        Success-rate threshold, mean-entropy threshold (nats) and the removed weight share.
+    wpsm_decay (`float`, *optional*, defaults to 0.5):
+        EMA decay of the per-prompt success-rate tracker.
+    success_threshold (`float`, *optional*, defaults to 1.0):
+        A response counts as correct when its summed (weighted) reward reaches this.
+
+    > AHRL
+
+    ahrl (`bool`, *optional*, defaults to `False`):
+        Prefix hard prompts with part of a reference reasoning.
+    ahrl_p_initial, ahrl_gamma (`float`, *optional*, defaults to 0.5 and 0.05):
+        Eq. 5's initial fraction and decay rate.
+    ahrl_k (`int`, *optional*, defaults to 4):
+        Samples per prompt for measuring the starting model's pass@k.
+    ahrl_max_pass (`float`, *optional*, defaults to 1.0):
+        Prompts with a starting pass@k below this are hard.
+    ahrl_reference_column, ahrl_pass_column (`str`, *optional*):
+        Dataset columns with the reference reasoning and (optionally) the precomputed pass@k.
+
+    > Logging
+
+    plot (`bool`, *optional*, defaults to `True`):
+        Write `rl_metrics.json` and `rl_curves.png` into `output_dir` at the end of training.
+    """
+
+    router_aux_loss_coef: float | None = field(
+        default=0.0, metadata={"help": "Mixtral-style aux loss weight in TRL's loss; 0 for ERNIE 5.0 (bias balancing)."}
+    )
+    rollout_dtype: str | None = field(
+        default=None, metadata={"help": "Precision of the generating copy: bfloat16, float16, float32 or None (policy)."}
+    )
+    rollout_experts_backend: str | None = field(
+        default=None, metadata={"help": "Expert back-end of the generating copy (ERNIE 5.0 models)."}
+    )
+    measure_mismatch: bool = field(default=True, metadata={"help": "Log train/rollout log-prob mismatch statistics."})
+    routing_replay: bool = field(default=False, metadata={"help": "Replay rollout expert routing in training."})
+    misc: bool = field(default=False, metadata={"help": "MISC: GSPO sequence ratio + per-token IcePop mask."})
+    misc_alpha: float = field(default=0.5, metadata={"help": "Lower bound of the kept train/rollout ratio band."})
+    misc_beta: float = field(default=2.0, metadata={"help": "Upper bound of the kept train/rollout ratio band."})
+    misc_weight_by_ratio: bool = field(default=True, metadata={"help": "IcePop M(k)=k inside the band (else 1)."})
+    wpsm: bool = field(default=False, metadata={"help": "WPSM: down-weight well-learned correct responses."})
+    wpsm_tau: float = field(default=0.8, metadata={"help": "Per-prompt success-rate threshold."})
+    wpsm_eta: float = field(default=0.3, metadata={"help": "Mean token entropy threshold (nats)."})
+    wpsm_alpha: float = field(default=1.0, metadata={"help": "Weight share removed from flagged responses."})
+    wpsm_decay: float = field(default=0.5, metadata={"help": "EMA decay of the success-rate tracker."})
+    wpsm_positive_only: bool = field(default=True, metadata={"help": "Flag only correct responses."})
+    success_threshold: float = field(default=1.0, metadata={"help": "Summed reward at which a response is correct."})
+    ahrl: bool = field(default=False, metadata={"help": "AHRL: reference-reasoning hints for hard prompts."})
+    ahrl_p_initial: float = field(default=0.5, metadata={"help": "Initial hint fraction p_initial."})
+    ahrl_gamma: float = field(default=0.05, metadata={"help": "Hint decay rate gamma."})
+    ahrl_k: int = field(default=4, metadata={"help": "k of the starting model's pass@k."})
+    ahrl_max_pass: float = field(default=1.0, metadata={"help": "Prompts with pass@k below this get hints."})
+    ahrl_reference_column: str = field(default="reference_reasoning", metadata={"help": "Reference reasoning column."})
+    ahrl_pass_column: str = field(default="pass_at_k", metadata={"help": "Precomputed pass@k column (optional)."})
+    prompt_id_column: str = field(default="prompt_id", metadata={"help": "Column identifying a prompt (optional)."})
+    plot: bool = field(default=True, metadata={"help": "Write rl_metrics.json and rl_curves.png at the end."})
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.rollout_dtype is not None and self.rollout_dtype not in _DTYPES:
+            raise ValueError(f"rollout_dtype must be one of {sorted(_DTYPES)} or None, got {self.rollout_dtype!r}")
+        if self.routing_replay and self.use_vllm:
+            raise ValueError(
+                "routing_replay needs the expert choices of the rollout engine, which vLLM does not expose; "
+                "set use_vllm=False (generation then runs in transformers with routing capture)"
+            )
+        if self.misc:
+            if not 0.0 <= self.misc_alpha <= 1.0 <= self.misc_beta:
+                raise ValueError(f"MISC needs 0 <= misc_alpha <= 1 <= misc_beta, got {self.misc_alpha}, {self.misc_beta}")
+            if self.loss_type not in ("grpo", "dapo", "bnpo", "dr_grpo"):
+                raise ValueError(f"MISC replaces the clipped-ratio loss; loss_type {self.loss_type!r} is not one of them")
+            if self.use_vllm:
+                raise ValueError("MISC needs the rollout log-probs of the transformers rollout engine; set use_vllm=False")
+        for name in ("wpsm_tau", "wpsm_alpha"):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                raise ValueError(f"{name} must lie in [0, 1], got {getattr(self, name)}")
+        if self.ahrl and not 0.0 <= self.ahrl_p_initial <= 1.0:
+            raise ValueError(f"ahrl_p_initial must lie in [0, 1], got {self.ahrl_p_initial}")
+        if self.ahrl and self.ahrl_k < 1:
+            raise ValueError(f"ahrl_k must be >= 1, got {self.ahrl_k}")
+
+
+def rl_switch_defaults():
+    """The fields `RLConfig` adds to `GRPOConfig`, at their defaults, as a plain namespace."""
+    import dataclasses
+    from types import SimpleNamespace
+
+    base = {f.name for f in dataclasses.fields(GRPOConfig)}
+    return SimpleNamespace(
+        **{
+            f.name: f.default if f.default is not dataclasses.MISSING else f.default_factory()
+            for f in dataclasses.fields(RLConfig)
+            if f.name not in base
+        }
+    )
+
+
+# --- MoE plumbing ----------------------------------------------------------------------------------------------------
+
+
+def moe_blocks(model) -> list[torch.nn.Module]:
+    """The routed MoE blocks of the backbone, in layer order (multi-token-prediction blocks excluded).
+
+    Matched by class name so that a model loaded with `trust_remote_code` (another class object) is found too.
+    """
+    backbone = getattr(model, "base_model", model)
+    layers = getattr(backbone, "layers", None)
+    if layers is None:
+        return []
+    return [layer.mlp for layer in layers if type(getattr(layer, "mlp", None)).__name__ == "Ernie5SparseMoeBlock"]
+
+
+class RoutingRecorder:
+    """Records, per forward call, the (B, L, K) expert indices of every MoE block (forward hooks)."""
+
+    def __init__(self, model):
+        self.blocks = moe_blocks(model)
+        self.calls: list[list[torch.Tensor]] = []
+        self._current: list[torch.Tensor] = []
+        self._handles = []
+
+    def _hook(self, layer_pos: int):
+        def hook(module, args, output):
+            hidden_BLD = args[0]
+            idx_TK = output[2]
+            idx_BLK = idx_TK.detach().view(hidden_BLD.shape[0], hidden_BLD.shape[1], -1)
+            if layer_pos == 0:
+                self._current = []
+                self.calls.append(self._current)
+            self._current.append(idx_BLK)
+
+        return hook
+
+    def __enter__(self):
+        self._handles = [b.register_forward_hook(self._hook(i)) for i, b in enumerate(self.blocks)]
+        return self
+
+    def __exit__(self, *exc):
+        for h in self._handles:
+            h.remove()
+        self._handles = []
+
+
+@contextlib.contextmanager
+def replay_routing(model, routing_BNLK: torch.Tensor | None):
+    """Feed recorded routing to the backbone of `model` in every forward of the block, row-chunk by row-chunk.
+
+    TRL computes log-probs in row chunks and calls `model.base_model` directly (fused LM head), so the routing goes in
+    through a forward pre-hook on the backbone that hands each call the rows it is about to process.
+    """
+    if routing_BNLK is None:
+        yield
+        return
+    backbone = getattr(model, "base_model", model)
+    cursor = [0]
+
+    def hook(module, args, kwargs):
+        ids = kwargs.get("input_ids", args[0] if args else None)
+        if ids is None:
+            ids = kwargs["inputs_embeds"]
+        rows, length = ids.shape[0], ids.shape[1]
+        chunk = routing_BNLK[cursor[0] : cursor[0] + rows]
+        if chunk.shape[0] != rows or chunk.shape[2] != length:
+            raise ValueError(
+                f"routing replay: recorded routing covers {tuple(chunk.shape[:3:2])} (rows, length) but the forward "
+                f"got {(rows, length)}"
+            )
+        cursor[0] = (cursor[0] + rows) % routing_BNLK.shape[0]
+        kwargs["routing_indices"] = [r.to(ids.device) for r in routing_for_forward(chunk)]
+        return args, kwargs
+
+    handle = backbone.register_forward_pre_hook(hook, with_kwargs=True)
+    try:
+        yield
+    finally:
+        handle.remove()
+
+
+@contextlib.contextmanager
+def eval_mode(model):
+    """No-grad side forwards run in eval mode: an ERNIE 5.0 training-mode forward counts expert load, which would move
+    the balancing bias at the next real training step."""
+    was_training = model.training
+    model.eval()
+    try:
+        yield
+    finally:
+        model.train(was_training)
+
+
+class RolloutEngine:
+    """Generates completions for the trainer, optionally from a copy of the policy in another precision / back-end."""
+
+    def __init__(self, policy, dtype: str | None = None, experts_backend: str | None = None):
+        self.dtype = _DTYPES[dtype] if dtype else None
+        self.experts_backend = experts_backend
+        self.copy = None
+        self.synced_step = -1
+        if self.dtype is not None or experts_backend is not None:
+            import copy as copy_module
+
+            config = copy_module.deepcopy(policy.config)
+            if experts_backend is not None:
+                if not hasattr(config, "experts_backend"):
+                    raise ValueError("rollout_experts_backend applies to ERNIE 5.0 models only")
+                config.experts_backend = experts_backend
+            # A fresh instance, not deepcopy: TRL patched the policy's forward with a closure over the original model.
+            self.copy = type(policy)(config)
+            self.copy.load_state_dict(policy.state_dict())
+            self.copy.to(device=next(policy.parameters()).device, dtype=self.dtype or next(policy.parameters()).dtype)
+            self.copy.generation_config = copy_module.deepcopy(policy.generation_config)
+            self.copy.eval()
+            self.copy.requires_grad_(False)
+
+    def model(self, policy, step: int):
+        """The model to generate with; the copy is re-synced from the policy once per optimiser step."""
+        if self.copy is None:
+            return policy
+        if step != self.synced_step:
+            with torch.no_grad():
+                self.copy.load_state_dict(policy.state_dict())  # casts to the copy's dtype on assignment
+            self.synced_step = step
+        return self.copy
+
+
+def _left_pad(rows: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    width = max(len(r) for r in rows)
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, r in enumerate(rows):
+        if r:
+            ids[i, width - len(r) :] = torch.tensor(r, dtype=torch.long)
+            mask[i, width - len(r) :] = 1
+    return ids, mask
+
+
+def hf_chunked_advance(model, tokenizer, chunk_tokens: int, max_new_tokens: int, **generate_kwargs):
+    """An `advance` function for `UnbiasedReplayBuffer` that resumes rollouts with HF `generate`.
+
+    `Rollout.state` is `{"prompt_ids": [...], "completion_ids": [...]}` (give the prompt ids as the initial state);
+    each call generates up to `chunk_tokens` more tokens for all active rollouts in one left-padded batch. A rollout
+    finishes at EOS or after `max_new_tokens` tokens.
+    """
+    eos = tokenizer.eos_token_id
+
+    def advance(rollouts: list[Rollout]) -> list[tuple[Any, bool]]:
+        states = [r.state if isinstance(r.state, dict) else {"prompt_ids": list(r.state), "completion_ids": []} for r in rollouts]
+        rows = [s["prompt_ids"] + s["completion_ids"] for s in states]
+        ids, mask = _left_pad(rows, tokenizer.pad_token_id)
+        budget = min(chunk_tokens, max(max_new_tokens - min(len(s["completion_ids"]) for s in states), 1))
+        with torch.no_grad(), eval_mode(model):
+            out = model.generate(
+                input_ids=ids.to(model.device), attention_mask=mask.to(model.device), max_new_tokens=budget,
+                pad_token_id=tokenizer.pad_token_id, eos_token_id=eos, **generate_kwargs,
+            )  # fmt: skip
+        results = []
+        for state, new in zip(states, out[:, ids.shape[1] :].tolist()):
+            room = max_new_tokens - len(state["completion_ids"])
+            new = new[:room]
+            if eos in new:
+                new = new[: new.index(eos) + 1]
+            completion = state["completion_ids"] + new
+            finished = (eos in new) or len(completion) >= max_new_tokens
+            results.append(({"prompt_ids": state["prompt_ids"], "completion_ids": completion}, finished))
+        return results
+
+    return advance
+
+
+# --- Trainer ---------------------------------------------------------------------------------------------------------
+
+
+def prompt_key(example: dict, column: str = "prompt_id") -> str:
+    if example.get(column) is not None:
+        return str(example[column])
+    return json.dumps(example.get("prompt"), sort_keys=True, default=str)
+
+
+class RLTrainer(GRPOTrainer):
+    """`GRPOTrainer` with routing replay, MISC, WPSM, AHRL, mismatch and expert-load logging (see the module doc).
+
+    Takes the same arguments as `trl.GRPOTrainer`; `args` should be an `RLConfig` (a plain `GRPOConfig` gives TRL's
+    behaviour plus the extra logging).
+
+    Example:
+
+    ```python
+    >>> from training.rl import RLConfig, RLTrainer
+    >>> args = RLConfig(output_dir="out", use_cpu=True, bf16=False, gradient_checkpointing=False, misc=True,
+    ...                 routing_replay=True, rollout_dtype="bfloat16", num_generations=4, max_completion_length=8)
+    >>> trainer = RLTrainer(model=model, reward_funcs=[toy_world_reward], args=args, train_dataset=ds,
+    ...                     processing_class=tokenizer)  # doctest: +SKIP
+    >>> trainer.train()  # doctest: +SKIP
+    ```
+    """
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        # A plain GRPOConfig gets the switches' defaults (all stabilisers off, logging on).
+        a = self.args if isinstance(self.args, RLConfig) else rl_switch_defaults()
+        self.rl_args = a
+        policy = self.accelerator.unwrap_model(self.model)
+        self._blocks = moe_blocks(policy)
+        if a.routing_replay and not self._blocks:
+            raise ValueError("routing_replay needs an MoE model with routing replay support (an ERNIE 5.0 model)")
+        self.rollout_engine = RolloutEngine(policy, a.rollout_dtype, a.rollout_experts_backend)
+        self.success_tracker = SuccessRateTracker(a.wpsm_decay)
+        self.hint_scheduler = HintScheduler(a.ahrl_p_initial, a.ahrl_gamma, a.ahrl_max_pass)
+        self.ahrl_pass_at_k: dict[str, float] = {}
+        self.expert_load_history: list[dict[str, Any]] = []
+        self._pending_rollout: dict[str, Any] | None = None
+        self._last_rewards: torch.Tensor | None = None
+        self._replay: torch.Tensor | None = None
+        self._load_counts: torch.Tensor | None = None
+        if a.plot:
+            self.add_callback(RLCurvesCallback(self))
+
+    # -- generation -----------------------------------------------------------------------------------------------
+
+    def _generate_single_turn(self, prompt_ids, images, multimodal_fields, num_generations, has_tool_images=False):
+        if self.use_vllm or self.use_transformers_continuous_batching or images or multimodal_fields:
+            self._pending_rollout = None
+            return super()._generate_single_turn(prompt_ids, images, multimodal_fields, num_generations, has_tool_images)
+        device = self.accelerator.device
+        ids, mask = _left_pad([list(p) for p in prompt_ids], self._tokenizer.pad_token_id)
+        ids, mask = ids.to(device), mask.to(device)
+        policy = self.accelerator.unwrap_model(self.model)
+        model = self.rollout_engine.model(policy, self.state.global_step)
+        recorder = RoutingRecorder(model)
+        if getattr(self, "_rollout_generation_config", None) is None:
+            import copy as copy_module
+
+            self._rollout_generation_config = copy_module.deepcopy(self.generation_config)
+            self._rollout_generation_config.output_logits = True
+            self._rollout_generation_config.return_dict_in_generate = True
+        with torch.no_grad(), eval_mode(model), recorder:
+            out = model.generate(input_ids=ids, attention_mask=mask, generation_config=self._rollout_generation_config)
+        completion = out.sequences[:, ids.shape[1] :]
+        logits = torch.stack(out.logits, dim=1).float() / self.temperature
+        logps = torch.log_softmax(logits, dim=-1).gather(-1, completion.unsqueeze(-1)).squeeze(-1)
+
+        is_eos = torch.isin(completion, torch.tensor(self.eos_token_ids, device=completion.device))
+        lengths = torch.where(is_eos.any(1), is_eos.int().argmax(1) + 1, torch.full_like(is_eos[:, 0], completion.shape[1], dtype=torch.long))
+        completion_ids = [c[:n].tolist() for c, n in zip(completion.cpu(), lengths.tolist())]
+        sampling_logps = [lp[:n].tolist() for lp, n in zip(logps.cpu(), lengths.tolist())]
+        self._pending_rollout = {
+            "prompt_mask": mask.cpu(),
+            "prefill": recorder.calls[0] if recorder.calls else [],
+            "steps": recorder.calls[1:],
+        }
+        return completion_ids, sampling_logps
+
+    def train(self, *args, **kwargs):
+        a = self.rl_args
+        columns = getattr(self.train_dataset, "column_names", None) or []
+        if a.ahrl and a.ahrl_pass_column not in columns and not self.ahrl_pass_at_k:
+            self.measure_pass_at_k()
+        return super().train(*args, **kwargs)
+
+    def measure_pass_at_k(self, k: int | None = None, dataset=None) -> dict[str, float]:
+        """pass@k of the current (starting) model on every prompt that has a reference reasoning (AHRL's
+        `pass_initial`): k samples per prompt, a sample passes when its summed reward reaches `success_threshold`."""
+        a = self.rl_args
+        k = k or a.ahrl_k
+        dataset = dataset if dataset is not None else self.train_dataset
+        rows, seen = [], set()
+        for x in dataset:
+            key = prompt_key(x, a.prompt_id_column)
+            if x.get(a.ahrl_reference_column) and key not in seen:
+                seen.add(key)
+                rows.append(x)
+        chunk = max(1, self.args.per_device_train_batch_size // k)
+        for start in range(0, len(rows), chunk):
+            inputs = [x for x in rows[start : start + chunk] for _ in range(k)]
+            prompts = [x["prompt"] for x in inputs]
+            prompt_ids, _, _ = self._tokenize_prompts(prompts)
+            completion_ids, _ = self._generate_single_turn(prompt_ids, None, {}, k)
+            texts = self.processing_class.batch_decode(completion_ids, skip_special_tokens=True)
+            completions = texts if isinstance(prompts[0], str) else [[{"role": "assistant", "content": t}] for t in texts]
+            rewards = self._calculate_rewards(inputs, prompts, completions, completion_ids)[: len(inputs)]
+            total = (rewards * self.reward_weights.to(rewards.device)).nansum(dim=1)
+            passed = (total >= a.success_threshold).view(-1, k).sum(1).tolist()
+            for x, c in zip(rows[start : start + chunk], passed):
+                self.ahrl_pass_at_k[prompt_key(x, a.prompt_id_column)] = pass_at_k(k, int(c), k)
+        self._pending_rollout = None
+        return dict(self.ahrl_pass_at_k)
+
+    def _calculate_rewards(self, inputs, prompts, completions, completion_ids_list):
+        rewards = super()._calculate_rewards(inputs, prompts, completions, completion_ids_list)
+        self._last_rewards = rewards
+        return rewards
+
+    def _apply_hints(self, inputs: list[dict]) -> list[dict]:
+        a = self.rl_args
+        out, hinted, fractions = [], 0, []
+        for x in inputs:
+            reference = x.get(a.ahrl_reference_column)
+            pak = x.get(a.ahrl_pass_column)
+            if pak is None:
+                pak = self.ahrl_pass_at_k.get(prompt_key(x, a.prompt_id_column))
+            frac = self.hint_scheduler.fraction(self.state.global_step, pak) if reference else 0.0
+            fractions.append(frac)
+            if frac <= 0:
+                out.append(x)
+                continue
+            tokens = self._tokenizer(reference, add_special_tokens=False)["input_ids"]
+            hint = self._tokenizer.decode(HintScheduler.prefix(tokens, frac))
+            x = dict(x)
+            if isinstance(x["prompt"], str):
+                x["prompt"] = x["prompt"] + hint
+            else:
+                messages = [dict(m) for m in x["prompt"]]
+                messages[-1]["content"] = f"{messages[-1]['content']}\n{hint}"
+                x["prompt"] = messages
+            hinted += 1
+            out.append(x)
+        self._metrics["train"]["ahrl/hinted_frac"].append(hinted / max(len(inputs), 1))
+        self._metrics["train"]["ahrl/hint_fraction_mean"].append(sum(fractions) / max(len(fractions), 1))
+        return out
+
+    def _side_logps(self, ids, attn, logits_to_keep, routing=None, record=False):
+        """No-grad per-token log-probs (and entropies, and the routing chosen) of the current policy, in eval mode."""
+        recorder = RoutingRecorder(self.accelerator.unwrap_model(self.model)) if record else contextlib.nullcontext()
+        with torch.no_grad(), eval_mode(self.model), replay_routing(self.accelerator.unwrap_model(self.model), routing):
+            with recorder:
+                logps, entropies, _ = GRPOTrainer._get_per_token_logps_and_entropies(
+                    self, self.model, ids, attn, logits_to_keep,
+                    batch_size=self.args.per_device_train_batch_size, compute_entropy=True,
+                )  # fmt: skip
+        routed = None
+        if record and recorder.calls:
+            routed = torch.cat([torch.stack(call, dim=1) for call in recorder.calls], dim=0).cpu()  # (B, N, L, K)
+        return logps, entropies, routed
+
+    def _generate_and_score_completions(self, inputs):
+        mode = "train" if self.model.training else "eval"
+        a = self.rl_args
+        if a.ahrl and mode == "train":
+            inputs = self._apply_hints(inputs)
+        output = super()._generate_and_score_completions(inputs)
+        rollout, self._pending_rollout = self._pending_rollout, None
+        if mode != "train":
+            return output
+
+        prompt_ids, prompt_mask = output["prompt_ids"], output["prompt_mask"]
+        completion_ids, completion_mask = output["completion_ids"], output["completion_mask"]
+        ids = torch.cat([prompt_ids, completion_ids], dim=1)
+        attn = torch.cat([prompt_mask, completion_mask], dim=1)
+        logits_to_keep = completion_ids.shape[1]
+        mask = completion_mask if "tool_mask" not in output else completion_mask * output["tool_mask"]
+        sampling = output.get("sampling_per_token_logps")
+
+        routing = None
+        if rollout is not None and rollout["prefill"] and "tool_mask" not in output:
+            routing = assemble_rollout_routing(
+                rollout["prefill"], rollout["steps"], rollout["prompt_mask"], prompt_mask,
+                logits_to_keep, self.accelerator.unwrap_model(self.model).config.num_experts,
+            )  # fmt: skip
+        if a.routing_replay and routing is None:
+            raise RuntimeError("routing replay is on but no rollout routing was recorded (tool calls or vLLM?)")
+
+        need_side = a.misc or a.wpsm or a.routing_replay or (a.measure_mismatch and sampling is not None)
+        if need_side:
+            plain_logps, entropies, train_routing = self._side_logps(ids, attn, logits_to_keep, record=routing is not None)
+            old = plain_logps
+            if routing is not None and (a.routing_replay or a.measure_mismatch):
+                replay_logps, replay_entropies, _ = self._side_logps(ids, attn, logits_to_keep, routing=routing)
+                if a.routing_replay:
+                    old, entropies = replay_logps, replay_entropies
+            output["old_per_token_logps"] = old
+            if a.routing_replay:
+                output["rollout_routing"] = routing.to(ids.device)
+            if a.measure_mismatch and sampling is not None:
+                self._log_mismatch(plain_logps, sampling, mask, "")
+                if routing is not None:
+                    self._log_mismatch(replay_logps, sampling, mask, "replay_")
+                    valid = attn.clone()
+                    valid[:, -1] = 0  # the last token is never processed by the rollout
+                    num_experts = self.accelerator.unwrap_model(self.model).config.num_experts
+                    self._metrics["train"]["mismatch/routing_disagreement"].append(
+                        routing_disagreement(routing, train_routing, valid.cpu(), num_experts)
+                    )
+            if a.wpsm:
+                self._apply_wpsm(inputs, output, entropies, mask)
+        return output
+
+    def _log_mismatch(self, train_logps, sampling_logps, mask, prefix: str):
+        m = mask.bool() & ~torch.isnan(sampling_logps)
+        diff = (train_logps - sampling_logps)[m]
+        if diff.numel() == 0:
+            return
+        metrics = self._metrics["train"]
+        metrics[f"mismatch/{prefix}logp_absdiff_mean"].append(diff.abs().mean().item())
+        metrics[f"mismatch/{prefix}logp_absdiff_max"].append(diff.abs().max().item())
+        ratio = diff.exp()
+        metrics[f"mismatch/{prefix}ratio_outside_band"].append(
+            ((ratio < self.rl_args.misc_alpha) | (ratio > self.rl_args.misc_beta)).float().mean().item()
+        )
+
+    def _apply_wpsm(self, inputs, output, entropies, mask):
+        a = self.rl_args
+        rewards = self._last_rewards
+        n = len(inputs)
+        start = self.accelerator.process_index * n
+        total = (rewards[start : start + n] * self.reward_weights.to(rewards.device)).nansum(dim=1)
+        correct = total >= a.success_threshold
+        keys = [prompt_key(x, a.prompt_id_column) for x in inputs]
+        self.success_tracker.update(keys, correct.cpu())
+        rate = torch.tensor([self.success_tracker.rate(k) for k in keys], device=entropies.device)
+        mean_entropy = (entropies * mask).sum(-1) / mask.sum(-1).clamp(min=1)
+        weights, flagged = wpsm_weights(
+            mean_entropy, rate, correct.to(entropies.device), a.wpsm_tau, a.wpsm_eta, a.wpsm_alpha, a.wpsm_positive_only
+        )
+        output["advantages"] = output["advantages"] * weights.to(output["advantages"].dtype)
+        self._metrics["train"]["wpsm/flagged_frac"].append(flagged.float().mean().item())
+        self._metrics["train"]["wpsm/success_rate_mean"].append(rate.mean().item())
+
+    # -- loss -----------------------------------------------------------------------------------------------------
+
+    def _get_per_token_logps_and_entropies(self, model, *args, **kwargs):
+        unwrapped = self.accelerator.unwrap_model(model)
+        with replay_routing(unwrapped, self._replay), self._count_load(unwrapped):
+            return super()._get_per_token_logps_and_entropies(model, *args, **kwargs)
+
+    @contextlib.contextmanager
+    def _count_load(self, model):
+        if self._load_counts is None or not self._blocks:
+            yield
+            return
+        num_experts = model.config.num_experts
+
+        def hook(module, args, output):
+            idx = output[2]
+            self._load_counts += torch.bincount(idx[idx < num_experts].flatten().cpu(), minlength=num_experts)[:num_experts]
+
+        handles = [b.register_forward_hook(hook) for b in moe_blocks(model)]
+        try:
+            yield
+        finally:
+            for h in handles:
+                h.remove()
+
+    def _compute_loss(self, model, inputs):
+        a = self.rl_args
+        self._replay = inputs.get("rollout_routing") if a.routing_replay else None
+        track_load = bool(self._blocks) and self.model.training
+        if track_load:
+            self._load_counts = torch.zeros(self.accelerator.unwrap_model(model).config.num_experts)
+        try:
+            loss = self._misc_loss(model, inputs) if a.misc else super()._compute_loss(model, inputs)
+        finally:
+            self._replay = None
+        if track_load:
+            self._log_load(self._load_counts)
+            self._load_counts = None
+        return loss
+
+    def _log_load(self, counts: torch.Tensor):
+        if counts.sum() == 0:
+            return
+        share = counts / counts.sum()
+        uniform = 1.0 / counts.numel()
+        metrics = self._metrics["train"]
+        metrics["moe/load_max_over_uniform"].append((share.max() / uniform).item())
+        metrics["moe/load_min_over_uniform"].append((share.min() / uniform).item())
+        metrics["moe/load_cv"].append((share.std() / share.mean()).item())
+        self.expert_load_history.append({"step": self.state.global_step, "share": [round(x, 5) for x in share.tolist()]})
+
+    def _misc_loss(self, model, inputs):
+        a = self.rl_args
+        prompt_ids, prompt_mask = inputs["prompt_ids"], inputs["prompt_mask"]
+        completion_ids, completion_mask = inputs["completion_ids"], inputs["completion_mask"]
+        ids = torch.cat([prompt_ids, completion_ids], dim=1)
+        attn = torch.cat([prompt_mask, completion_mask], dim=1)
+        mask = completion_mask if "tool_mask" not in inputs else completion_mask * inputs["tool_mask"]
+        logps, entropies, _ = self._get_per_token_logps_and_entropies(
+            model, ids, attn, completion_ids.shape[1], compute_entropy=True
+        )
+        old = inputs.get("old_per_token_logps")
+        old = logps.detach() if old is None else old
+        rollout = inputs.get("sampling_per_token_logps")
+        result = misc_per_token_loss(
+            logps, old, rollout, inputs["advantages"], mask, self.epsilon_low, self.epsilon_high,
+            a.misc_alpha, a.misc_beta, a.misc_weight_by_ratio,
+        )  # fmt: skip
+        per_token_loss = result.per_token_loss
+        if self.beta != 0.0:
+            ref = inputs["ref_per_token_logps"]
+            per_token_loss = per_token_loss + self.beta * (torch.exp(ref - logps) - (ref - logps) - 1)
+        mode = "train" if self.model.training else "eval"
+        mask_f = mask.to(per_token_loss.dtype)
+        accumulation = self.current_gradient_accumulation_steps if mode == "train" else 1.0
+        if self.loss_type == "grpo":  # ERNIE 5.0's 1/G sum_i 1/|y_i| sum_j
+            loss = ((per_token_loss * mask_f).sum(-1) / mask_f.sum(-1).clamp(min=1.0)).mean() / accumulation
+        elif self.loss_type == "dr_grpo":
+            loss = (per_token_loss * mask_f).sum() / (per_token_loss.size(0) * self.max_completion_length) / accumulation
+        else:  # dapo / bnpo: token mean over the accumulation window, as TRL normalises it
+            normalizer = inputs["num_items_in_batch"].clamp(min=1.0) / self.accelerator.num_processes
+            if mode == "train":
+                normalizer = normalizer * self.current_gradient_accumulation_steps / self.args.steps_per_generation
+            loss = (per_token_loss * mask_f).sum() / normalizer
+        metrics = self._metrics[mode]
+        valid = mask.bool()
+        n_valid = valid.sum().clamp(min=1)
+        metrics["entropy"].append(((entropies * mask_f).sum() / n_valid).item())
+        metrics["misc/token_masked_frac"].append(((valid & ~result.token_kept).sum() / n_valid).item())
+        metrics["misc/seq_ratio_mean"].append(result.seq_ratio.mean().item())
+        metrics["clip_ratio/region_mean"].append(result.seq_clipped.float().mean().item())
+        return loss
+
+
+# --- Logging ---------------------------------------------------------------------------------------------------------
+
+
+class RLCurvesCallback(TrainerCallback):
+    """Collects the logged metrics; at the end writes `rl_metrics.json` and `rl_curves.png` (reward, entropy,
+    mismatch, masked fractions over steps) into the output directory."""
+
+    PANELS = (
+        ("reward", "reward (mean)"),
+        ("entropy", "policy entropy (nats/token)"),
+        ("mismatch", "train vs rollout |delta log p|"),
+        ("masked", "clipped / masked fractions"),
+    )
+
+    def __init__(self, trainer: RLTrainer | None = None):
+        self.trainer = trainer
+        self.history: list[dict[str, float]] = []
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if logs and "reward" in logs:
+            self.history.append({"step": state.global_step, **{k: v for k, v in logs.items() if isinstance(v, (int, float))}})
+
+    def on_train_end(self, args, state, control, **kwargs):
+        if not state.is_world_process_zero or not self.history:
+            return
+        os.makedirs(args.output_dir, exist_ok=True)
+        payload = {"history": self.history}
+        if self.trainer is not None:
+            payload["expert_load"] = self.trainer.expert_load_history
+        with open(os.path.join(args.output_dir, "rl_metrics.json"), "w") as f:
+            json.dump(payload, f, indent=1)
+        plot_rl_curves({"run": self.history}, os.path.join(args.output_dir, "rl_curves.png"))
+
+
+def plot_rl_curves(runs: dict[str, list[dict[str, float]]], path: str) -> None:
+    """Plot reward, entropy, mismatch and masked fractions over steps for one or more runs (one line each)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(2, 2, figsize=(11, 7))
+    for name, history in runs.items():
+        steps = [h["step"] for h in history]
+
+        def series(key):
+            return [h.get(key, math.nan) for h in history]
+
+        axes[0, 0].plot(steps, series("reward"), label=name)
+        axes[0, 1].plot(steps, series("entropy"), label=name)
+        axes[1, 0].plot(steps, series("mismatch/logp_absdiff_mean"), label=f"{name}: no replay")
+        if any(not math.isnan(v) for v in series("mismatch/replay_logp_absdiff_mean")):
+            axes[1, 0].plot(steps, series("mismatch/replay_logp_absdiff_mean"), "--", label=f"{name}: replay")
+        axes[1, 1].plot(steps, series("clip_ratio/region_mean"), label=f"{name}: clipped")
+        if any(not math.isnan(v) for v in series("misc/token_masked_frac")):
+            axes[1, 1].plot(steps, series("misc/token_masked_frac"), "--", label=f"{name}: IcePop masked")
+    for ax, (_, title) in zip(axes.flat, RLCurvesCallback.PANELS):
+        ax.set_title(title)
+        ax.set_xlabel("step")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+# --- Data and entry point --------------------------------------------------------------------------------------------
+
+
+def toy_world_prompt(description: str, question: str) -> str:
+    """The text-only toy-world prompt shared by SFT and RL: scene description, question, answer cue."""
+    return f"{description}\nQ: {question}\nA:"
+
+
+def toy_world_dataset(num_scenes: int, seed: int = 0, kinds: tuple[str, ...] | None = None):
+    """A `datasets.Dataset` of toy-world questions (`prompt`, `question`, `answer`, `kind`, `prompt_id`), one row per
+    generated question of `num_scenes` scenes drawn from seeds `seed, seed+1, ...`."""
+    from datasets import Dataset
+
+    from processing.toy_world import describe_scene, make_questions, sample_scene
+
+    rows = []
+    for s in range(seed, seed + num_scenes):
+        scene = sample_scene(s)
+        description = describe_scene(scene)
+        for j, qa in enumerate(make_questions(scene, random.Random(s))):
+            if kinds and qa.kind not in kinds:
+                continue
+            rows.append(
+                {
+                    "prompt": toy_world_prompt(description, qa.question),
+                    "question": qa.question,
+                    "answer": qa.answer,
+                    "kind": qa.kind,
+                    "prompt_id": f"scene{s}-q{j}",
+                }
+            )
+    return Dataset.from_list(rows)
+
+
+def load_rl_dataset(name: str, split: str = "train", toy_world_scenes: int = 64, seed: int = 0):
+    """`toy_world` (built in), a local json/jsonl/csv/parquet file, or a folder saved with `save_to_disk`."""
+    import datasets
+
+    if name == "toy_world":
+        return toy_world_dataset(toy_world_scenes, seed)
+    if os.path.isdir(name):
+        ds = datasets.load_from_disk(name)
+        return ds[split] if isinstance(ds, datasets.DatasetDict) else ds
+    ext = os.path.splitext(name)[1].lstrip(".")
+    builder = {"jsonl": "json", "json": "json", "csv": "csv", "parquet": "parquet"}.get(ext)
+    if builder is None or not os.path.exists(name):
+        raise ValueError(f"dataset {name!r}: expected 'toy_world', a saved dataset folder or a json/jsonl/csv/parquet file")
+    return datasets.load_dataset(builder, data_files=name, split="train")
+
+
+@dataclass
+class RLScriptArguments:
+    """What to train and on what.
+
+    Args:
+        model_name_or_path (`str`): local model folder (ERNIE 5.0 or any causal LM).
+        tokenizer_name_or_path (`str`, *optional*): defaults to the model folder.
+        dataset_name (`str`, *optional*, defaults to `"toy_world"`): see `load_rl_dataset`.
+        dataset_split (`str`, *optional*, defaults to `"train"`).
+        toy_world_scenes (`int`, *optional*, defaults to 64): scenes for the built-in toy world.
+        reward_funcs (`list[str]`, *optional*, defaults to `["toy_world"]`): registry names or dotted paths.
+    """
+
+    model_name_or_path: str = field(metadata={"help": "Local model folder."})
+    tokenizer_name_or_path: str | None = field(default=None, metadata={"help": "Defaults to the model folder."})
+    dataset_name: str = field(default="toy_world", metadata={"help": "toy_world, a data file or a saved dataset."})
+    dataset_split: str = field(default="train", metadata={"help": "Split of a saved DatasetDict."})
+    toy_world_scenes: int = field(default=64, metadata={"help": "Scenes for the built-in toy world."})
+    reward_funcs: list[str] = field(default_factory=lambda: ["toy_world"], metadata={"help": "Reward names or paths."})
+
+
+def make_parser(subparsers=None, prog: str | None = None):
+    """`TrlParser` over (`RLScriptArguments`, `RLConfig`): flags, or `--config` with a YAML or JSON file."""
+    from trl import TrlParser
+
+    dataclass_types = (RLScriptArguments, RLConfig)
+    if subparsers is not None:
+        return subparsers.add_parser("rl", help="RL post-training (GRPO/GSPO + ERNIE 5.0 stabilisers)", dataclass_types=dataclass_types)
+    return TrlParser(dataclass_types, prog=prog)
+
+
+def main(script_args: RLScriptArguments, training_args: RLConfig) -> RLTrainer:
+    """Load the model, tokenizer, data and rewards, train, save the final model as a normal model folder."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    import modeling_ernie5  # noqa: F401  (registers the ERNIE 5.0 Auto classes)
+    from training.rewards import get_reward_func
+
+    model = AutoModelForCausalLM.from_pretrained(
+        script_args.model_name_or_path, trust_remote_code=training_args.trust_remote_code
+    )
+    tokenizer = AutoTokenizer.from_pretrained(script_args.tokenizer_name_or_path or script_args.model_name_or_path)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    dataset = load_rl_dataset(script_args.dataset_name, script_args.dataset_split, script_args.toy_world_scenes, training_args.seed)
+    rewards = [get_reward_func(name) for name in script_args.reward_funcs]
+    trainer = RLTrainer(
+        model=model, reward_funcs=rewards, args=training_args, train_dataset=dataset, processing_class=tokenizer
+    )
+    trainer.train()
+    trainer.save_model(training_args.output_dir)
+    return trainer
+
+
+if __name__ == "__main__":
+    script_args, training_args = make_parser().parse_args_and_config()
+    main(script_args, training_args)

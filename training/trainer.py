@@ -1,0 +1,53 @@
+"""A `transformers.Trainer` that reports ERNIE 5.0's loss terms next to the total loss.
+
+The model returns one `loss` (next-token + weighted MTP + optional balance and z terms); the Trainer optimises it
+unchanged. This subclass only records the parts (`lm_loss`, `mtp_loss`, `aux_loss`, `z_loss`) of every training
+forward and logs their means over the logging interval, plus the spread of the balancing bias, so a run shows
+what each objective is doing.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+
+import torch
+from transformers import Trainer
+
+LOSS_PARTS = ("lm_loss", "mtp_loss", "aux_loss", "z_loss")
+
+
+class Ernie5Trainer(Trainer):
+    """`Trainer` with per-term loss logging for ernie5 models (works unchanged for any causal LM)."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._loss_parts: dict[str, list[float]] = defaultdict(list)
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        loss, outputs = super().compute_loss(model, inputs, return_outputs=True, num_items_in_batch=num_items_in_batch)
+        if model.training:
+            for name in LOSS_PARTS:
+                value = outputs.get(name) if hasattr(outputs, "get") else None
+                if value is not None:
+                    self._loss_parts[name].append(value.detach().float().mean().item())  # sync point, once per step
+        return (loss, outputs) if return_outputs else loss
+
+    def log(self, logs: dict[str, float], *args, **kwargs) -> None:
+        if "loss" in logs:  # a training log: attach the means of the recorded parts
+            for name, values in self._loss_parts.items():
+                if values:
+                    logs[name] = round(sum(values) / len(values), 6)
+            self._loss_parts.clear()
+            biases = router_biases(self.model)
+            if biases is not None:
+                logs["router_bias_absmax"] = round(biases.abs().max().item(), 6)
+        super().log(logs, *args, **kwargs)
+
+
+def router_biases(model) -> torch.Tensor | None:
+    """Stack of every router's balancing bias (layers x experts), or None for models without one."""
+    found = [m.e_score_correction_bias for m in model.modules() if hasattr(m, "e_score_correction_bias")]
+    return torch.stack([b.detach().float().cpu() for b in found]) if found else None
+
+
+__all__ = ["Ernie5Trainer", "router_biases"]
