@@ -236,8 +236,6 @@ class ShardRunner:
         return processed, exhausted
 
     def _seal(self, index: int, entries: list[dict]) -> None:
-        import datasets
-
         name = _shard_name(index)
         rows = [e["record"] for e in entries if e["status"] == "ok"]
         failures = [{k: e[k] for k in ("id", "reason", "detail")} for e in entries if e["status"] == "fail"]
@@ -251,7 +249,14 @@ class ShardRunner:
         data_dir = self.dir / "data"
         data_dir.mkdir(parents=True, exist_ok=True)
         tmp = data_dir / f".{name}.parquet.tmp"
-        datasets.Dataset.from_list(rows, features=self.stage.features).to_parquet(str(tmp))
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        # `Features.arrow_schema` carries the Features in the schema metadata, so every shard (even one
+        # whose samples all failed) loads back through `datasets` with identical types.
+        features = self.stage.features
+        table = pa.Table.from_pylist([features.encode_example(r) for r in rows], schema=features.arrow_schema)
+        pq.write_table(table, str(tmp))
         os.replace(tmp, data_dir / f"{name}.parquet")
         (self.dir / "failures").mkdir(exist_ok=True)
         _atomic_write(self.dir / "failures" / f"{name}.jsonl", "".join(json.dumps(f) + "\n" for f in failures))

@@ -246,7 +246,7 @@ class _SearchHandler(http.server.BaseHTTPRequestHandler):
 @pytest.fixture()
 def search_server():
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _SearchHandler)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
     thread.start()
     yield f"http://127.0.0.1:{server.server_address[1]}/search"
     server.shutdown()

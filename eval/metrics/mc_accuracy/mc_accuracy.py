@@ -81,7 +81,8 @@ def extract_letter(prediction, choices=None):
     for m in re.finditer(r"(?<![A-Za-z])([A-P])(?![A-Za-z'])", text):
         letter = m.group(1)
         follows = text[m.end():m.end() + 2]
-        if letter == "A" and re.match(r" [a-z]", follows):
+        sentence_start = m.start() == 0 or re.search(r"[.!?]\s+$", text[:m.start()]) is not None
+        if letter == "A" and sentence_start and re.match(r" [a-z]", follows):
             continue
         if letter in offered:
             standalone.add(letter)

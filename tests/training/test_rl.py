@@ -1,0 +1,259 @@
+"""GRPO/GSPO with ERNIE 5.0's stabilisers on a tiny ERNIE 5.0 model and a locally trained tokenizer (training/rl.py).
+
+Short runs (2-3 steps, 4-8 completions of <= 6 tokens) on CPU, bf16 off, gradient checkpointing off. They check that the
+stabilisers run inside TRL's loop and log, that routing replay reaches the backbone and pins the experts, that the
+trainer also takes a dense causal LM, and that checkpoints are ordinary ERNIE 5.0 folders.
+"""
+
+import json
+import os
+
+import pytest
+import torch
+
+import modeling_ernie5  # noqa: F401
+from modeling_ernie5 import Ernie5Config, Ernie5ForCausalLM
+from processing.tokenizer import train_text_tokenizer
+from training.rewards import toy_world_reward
+from training.rl import (
+    RLConfig,
+    RLTrainer,
+    RoutingRecorder,
+    hf_chunked_advance,
+    main,
+    make_parser,
+    moe_blocks,
+    replay_routing,
+    toy_world_dataset,
+)
+from training.rl_stabilisers import UnbiasedReplayBuffer
+
+
+def length_reward(completions, **kwargs):
+    """Varies across completions, so advantages are non-zero and the policy moves even when untrained."""
+    return [float(len(c) % 4) for c in completions]
+
+
+@pytest.fixture(scope="module")
+def dataset():
+    return toy_world_dataset(6)
+
+
+@pytest.fixture(scope="module")
+def tokenizer(dataset):
+    texts = list(dataset["prompt"]) + [f" {a}" for a in dataset["answer"]]
+    return train_text_tokenizer(texts, vocab_size=512)
+
+
+@pytest.fixture(scope="module")
+def model_dir(tokenizer, tmp_path_factory):
+    torch.manual_seed(0)
+    config = Ernie5Config.from_preset(
+        "tiny",
+        vocab_size=len(tokenizer),
+        pad_token_id=tokenizer.pad_token_id,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+    )
+    path = tmp_path_factory.mktemp("tiny-ernie5")
+    Ernie5ForCausalLM(config).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return str(path)
+
+
+def rl_args(tmp_path, **overrides):
+    base = dict(
+        output_dir=str(tmp_path / "out"),
+        use_cpu=True,
+        bf16=False,
+        gradient_checkpointing=False,
+        report_to="none",
+        save_strategy="no",
+        per_device_train_batch_size=8,
+        num_generations=4,
+        max_completion_length=6,
+        max_steps=2,
+        learning_rate=1e-3,
+        logging_steps=1,
+        beta=0.0,
+        seed=0,
+    )
+    base.update(overrides)
+    return RLConfig(**base)
+
+
+def logged(trainer, key):
+    return [h[key] for h in trainer.state.log_history if key in h]
+
+
+def test_grpo_with_misc_replay_wpsm_and_a_bf16_rollout(model_dir, tokenizer, dataset, tmp_path):
+    model = Ernie5ForCausalLM.from_pretrained(model_dir)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    args = rl_args(
+        tmp_path, misc=True, routing_replay=True, wpsm=True, rollout_dtype="bfloat16", num_iterations=2,
+        max_steps=3, loss_type="grpo",
+    )  # fmt: skip
+    trainer = RLTrainer(
+        model=model, reward_funcs=[length_reward, toy_world_reward], args=args, train_dataset=dataset,
+        processing_class=tokenizer,
+    )  # fmt: skip
+    assert trainer.rollout_engine.copy is not None
+    assert next(trainer.rollout_engine.copy.parameters()).dtype == torch.bfloat16
+    trainer.train()
+
+    for key in (
+        "reward", "entropy", "mismatch/logp_absdiff_mean", "mismatch/replay_logp_absdiff_mean",
+        "mismatch/routing_disagreement", "misc/token_masked_frac", "clip_ratio/region_mean", "wpsm/flagged_frac",
+        "moe/load_max_over_uniform", "moe/load_cv",
+    ):  # fmt: skip
+        values = logged(trainer, key)
+        assert values and all(v == v for v in values), key  # present and not NaN
+    assert logged(trainer, "mismatch/logp_absdiff_mean")[0] > 0  # bf16 rollout vs fp32 training: a real gap
+    changed = [k for k, v in trainer.model.state_dict().items() if k in before and not torch.equal(v, before[k])]
+    assert any("experts" in k for k in changed) and any("gate.weight" in k for k in changed)
+
+    out = tmp_path / "out"
+    assert (out / "rl_curves.png").stat().st_size > 0
+    metrics = json.loads((out / "rl_metrics.json").read_text())
+    assert metrics["history"] and len(metrics["expert_load"][0]["share"]) == model.config.num_experts
+
+
+def test_replayed_routing_reaches_the_backbone_through_trls_fused_head(model_dir, tokenizer, dataset, tmp_path):
+    model = Ernie5ForCausalLM.from_pretrained(model_dir)
+    trainer = RLTrainer(
+        model=model, reward_funcs=[length_reward], args=rl_args(tmp_path, routing_replay=True),
+        train_dataset=dataset, processing_class=tokenizer,
+    )  # fmt: skip
+    ids = torch.randint(5, len(tokenizer), (3, 7))
+    attn = torch.ones_like(ids)
+    n_layers, top_k, num_experts = len(moe_blocks(model)), model.config.num_experts_per_tok, model.config.num_experts
+    forced = torch.zeros(3, n_layers, 7, top_k, dtype=torch.long)
+    forced[..., 1] = num_experts - 1  # every token -> experts {0, E-1}
+    recorder = RoutingRecorder(model)
+    with torch.no_grad(), recorder:
+        free, _, _ = trainer._get_per_token_logps_and_entropies(model, ids, attn, 4, batch_size=2)
+        trainer._replay = forced
+        replayed, _, _ = trainer._get_per_token_logps_and_entropies(model, ids, attn, 4, batch_size=2)
+        trainer._replay = None
+    # calls: two chunks without replay, then two chunks (rows 0-1, row 2) with the forced routing
+    assert len(recorder.calls) == 4
+    for call, rows in zip(recorder.calls[2:], (slice(0, 2), slice(2, 3))):
+        for layer, idx in enumerate(call):
+            assert torch.equal(idx, forced[rows, layer])
+    assert not torch.allclose(free, replayed)
+
+
+def test_replay_keeps_rollout_routing_after_the_policy_moves(model_dir):
+    """What routing replay is for: the policy changes between rollout and training (or runs at another precision);
+    the training forward must still route every token to the experts the rollout used."""
+    model = Ernie5ForCausalLM.from_pretrained(model_dir).eval()
+    ids = torch.randint(5, model.config.vocab_size, (2, 9))
+    with torch.no_grad(), RoutingRecorder(model) as rec:
+        model(ids)
+    rollout = torch.stack(rec.calls[0], dim=1)  # (B, N, L, K)
+    with torch.no_grad():
+        for router in model.model.routers():
+            router.weight.add_(torch.randn_like(router.weight) * 0.5)
+        with RoutingRecorder(model) as moved:
+            model(ids)
+        with RoutingRecorder(model) as pinned, replay_routing(model, rollout):
+            model(ids)
+    assert not torch.equal(torch.stack(moved.calls[0], 1), rollout)
+    assert torch.equal(torch.stack(pinned.calls[0], 1), rollout)
+
+
+def test_trainer_takes_a_dense_causal_lm(tokenizer, dataset, tmp_path):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(
+        vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
+    )  # fmt: skip
+    model = LlamaForCausalLM(config)
+    trainer = RLTrainer(
+        model=model, reward_funcs=[length_reward], args=rl_args(tmp_path, misc=True), train_dataset=dataset,
+        processing_class=tokenizer,
+    )  # fmt: skip
+    trainer.train()
+    assert logged(trainer, "misc/token_masked_frac") and not logged(trainer, "moe/load_cv")
+    with pytest.raises(ValueError, match="routing_replay needs an MoE model"):
+        RLTrainer(
+            model=model, reward_funcs=[length_reward], args=rl_args(tmp_path, routing_replay=True),
+            train_dataset=dataset, processing_class=tokenizer,
+        )  # fmt: skip
+
+
+def test_ahrl_hints_hard_prompts_and_measures_pass_at_k(model_dir, tokenizer, tmp_path):
+    rows = toy_world_dataset(2).to_list()[:4]
+    for i, row in enumerate(rows):
+        row["reference_reasoning"] = f"Look at the list of shapes. The answer is {row['answer']}."
+    from datasets import Dataset
+
+    ds = Dataset.from_list(rows)
+    model = Ernie5ForCausalLM.from_pretrained(model_dir)
+    args = rl_args(tmp_path, ahrl=True, ahrl_p_initial=0.5, ahrl_gamma=0.1, ahrl_k=2)
+    trainer = RLTrainer(model=model, reward_funcs=[toy_world_reward], args=args, train_dataset=ds, processing_class=tokenizer)
+    measured = trainer.measure_pass_at_k()
+    assert set(measured) == {r["prompt_id"] for r in rows} and all(0.0 <= v <= 1.0 for v in measured.values())
+
+    trainer.ahrl_pass_at_k = {rows[0]["prompt_id"]: 0.0, rows[1]["prompt_id"]: 1.0}  # hard, solved, unmeasured x2
+    hinted = trainer._apply_hints(rows)
+    reference_ids = tokenizer(rows[0]["reference_reasoning"], add_special_tokens=False)["input_ids"]
+    hint = tokenizer.decode(reference_ids[: -(-len(reference_ids) // 2)])
+    assert hinted[0]["prompt"] == rows[0]["prompt"] + hint
+    assert [h["prompt"] for h in hinted[1:]] == [r["prompt"] for r in rows[1:]]
+    assert rows[0]["prompt"] != hinted[0]["prompt"]  # inputs are not modified in place
+
+
+def test_yaml_config_main_and_checkpoint_is_a_normal_ernie5_folder(model_dir, tmp_path):
+    config = tmp_path / "rl.yaml"
+    out = tmp_path / "run"
+    config.write_text(
+        f"model_name_or_path: {model_dir}\n"
+        "dataset_name: toy_world\ntoy_world_scenes: 3\nreward_funcs: [toy_world]\n"
+        f"output_dir: {out}\nuse_cpu: true\nbf16: false\ngradient_checkpointing: false\nreport_to: none\n"
+        "save_strategy: 'no'\nper_device_train_batch_size: 4\nnum_generations: 4\nmax_completion_length: 4\n"
+        "max_steps: 2\nlogging_steps: 1\nmisc: true\nrouting_replay: true\nmisc_beta: 3.0\nplot: false\n"
+    )
+    script_args, training_args = make_parser().parse_args_and_config(["--config", str(config)])
+    assert isinstance(training_args, RLConfig)
+    assert training_args.misc and training_args.routing_replay and training_args.misc_beta == 3.0
+    assert training_args.router_aux_loss_coef == 0.0
+    trainer = main(script_args, training_args)
+
+    from transformers import AutoModelForCausalLM
+
+    saved = json.loads((out / "config.json").read_text())
+    assert saved["model_type"] == "ernie5" and os.path.exists(out / "model.safetensors")
+    reloaded = AutoModelForCausalLM.from_pretrained(out)
+    assert isinstance(reloaded, Ernie5ForCausalLM)
+    trained = trainer.accelerator.unwrap_model(trainer.model).state_dict()
+    for key, value in reloaded.state_dict().items():
+        assert torch.equal(value, trained[key]), key
+    assert not (out / "rl_curves.png").exists()
+
+
+def test_config_rejects_impossible_settings(tmp_path):
+    with pytest.raises(ValueError, match="misc_alpha"):
+        rl_args(tmp_path, misc=True, misc_alpha=1.5)
+    with pytest.raises(ValueError, match="routing_replay needs the expert choices"):
+        rl_args(tmp_path, routing_replay=True, use_vllm=True)
+    with pytest.raises(ValueError, match="rollout_dtype"):
+        rl_args(tmp_path, rollout_dtype="int8")
+    with pytest.raises(ValueError, match="loss_type 'cispo'"):
+        rl_args(tmp_path, misc=True, loss_type="cispo")
+
+
+def test_urb_with_hf_generation_releases_groups_in_order(model_dir, tokenizer):
+    model = Ernie5ForCausalLM.from_pretrained(model_dir)
+    prompts = {f"p{i}": tokenizer(f"Q: question {i}\nA:")["input_ids"] for i in range(6)}
+    buf = UnbiasedReplayBuffer([["p0", "p1"], ["p2", "p3"], ["p4", "p5"]], batch_size=2, buffer_size=2)
+    for r in buf._queue:
+        r.state = prompts[r.request_id]
+    advance = hf_chunked_advance(model, tokenizer, chunk_tokens=2, max_new_tokens=5, do_sample=True, top_k=0)
+    groups = list(buf.run(advance))
+    assert [[r.request_id for r in g] for g in groups] == [["p0", "p1"], ["p2", "p3"], ["p4", "p5"]]
+    for g in groups:
+        for r in g:
+            assert r.finished and r.state["prompt_ids"] == prompts[r.request_id]
+            assert 1 <= len(r.state["completion_ids"]) <= 5
