@@ -183,17 +183,27 @@ def main():
     rl_ds = toy_world_dataset(200, seed=1000, kinds=kinds)
     eval_rows = toy_world_dataset(60 if args.quick else 120, seed=5000, kinds=kinds).to_list()
 
-    tokenizer = train_text_tokenizer([r["prompt"] for r in sft_rows] + [f" {r['answer']}" for r in sft_rows], vocab_size=512)
-    config = Ernie5Config.from_preset(
-        "tiny", vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id, max_position_embeddings=512,
-    )  # fmt: skip
-    model = Ernie5ForCausalLM(config)
     t0 = time.time()
-    sft_losses = supervised_pass(model, tokenizer, sft_rows, sft_steps, 32, 3e-3, args.seed)
-    sft_dir = os.path.join(args.output_dir, "sft")
-    model.save_pretrained(sft_dir)
-    tokenizer.save_pretrained(sft_dir)
+    if args.sft_dir:
+        from transformers import AutoTokenizer
+
+        sft_dir = args.sft_dir
+        tokenizer = AutoTokenizer.from_pretrained(sft_dir)
+        model = Ernie5ForCausalLM.from_pretrained(sft_dir)
+        sft_steps, sft_losses = 0, [float("nan")]
+    else:
+        tokenizer = train_text_tokenizer(
+            [r["prompt"] for r in sft_rows] + [f" {r['answer']}" for r in sft_rows], vocab_size=512
+        )
+        config = Ernie5Config.from_preset(
+            "tiny", vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,
+            eos_token_id=tokenizer.eos_token_id, max_position_embeddings=512,
+        )  # fmt: skip
+        model = Ernie5ForCausalLM(config)
+        sft_losses = supervised_pass(model, tokenizer, sft_rows, sft_steps, 32, 3e-3, args.seed)
+        sft_dir = os.path.join(args.output_dir, "sft")
+        model.save_pretrained(sft_dir)
+        tokenizer.save_pretrained(sft_dir)
     sft_accuracy = greedy_accuracy(model, tokenizer, eval_rows)
     print(f"SFT: {sft_steps} steps, {time.time() - t0:.0f}s, final loss {sft_losses[-1]:.3f}, held-out acc {sft_accuracy:.3f}")
 

@@ -225,13 +225,15 @@ class Ernie5TopKRouter(nn.Module):
 
         Loads are summed over data-parallel ranks first so that every replica keeps the same bias.
         """
-        load = self.expert_load
-        if load.sum() == 0 or not self.use_correction_bias:
-            self.expert_load.zero_()
+        if not self.use_correction_bias:
             return
+        load = self.expert_load
+        # Every rank reduces, even one whose last forward counted nothing (an elastic sub-model): a rank that
+        # skipped the collective would deadlock the others.
         if torch.distributed.is_available() and torch.distributed.is_initialized():
             torch.distributed.all_reduce(load)  # sync point across ranks, once per training forward
-        self.e_score_correction_bias += self.bias_update_rate * torch.sign(load.mean() - load)
+        if load.sum() > 0:
+            self.e_score_correction_bias += self.bias_update_rate * torch.sign(load.mean() - load)
         self.expert_load.zero_()
 
 

@@ -174,8 +174,6 @@ class RLConfig(GRPOConfig):
                 raise ValueError(f"MISC needs 0 <= misc_alpha <= 1 <= misc_beta, got {self.misc_alpha}, {self.misc_beta}")
             if self.loss_type not in ("grpo", "dapo", "bnpo", "dr_grpo"):
                 raise ValueError(f"MISC replaces the clipped-ratio loss; loss_type {self.loss_type!r} is not one of them")
-            if self.use_vllm:
-                raise ValueError("MISC needs the rollout log-probs of the transformers rollout engine; set use_vllm=False")
         for name in ("wpsm_tau", "wpsm_alpha"):
             if not 0.0 <= getattr(self, name) <= 1.0:
                 raise ValueError(f"{name} must lie in [0, 1], got {getattr(self, name)}")
@@ -203,13 +201,19 @@ def rl_switch_defaults():
 # --- MoE plumbing ----------------------------------------------------------------------------------------------------
 
 
+def backbone_of(model) -> torch.nn.Module:
+    """The module TRL's fused LM head calls: `base_model` of the causal LM (under a peft wrapper, of its base)."""
+    if hasattr(model, "get_base_model"):
+        model = model.get_base_model()
+    return getattr(model, "base_model", model)
+
+
 def moe_blocks(model) -> list[torch.nn.Module]:
     """The routed MoE blocks of the backbone, in layer order (multi-token-prediction blocks excluded).
 
     Matched by class name so that a model loaded with `trust_remote_code` (another class object) is found too.
     """
-    backbone = getattr(model, "base_model", model)
-    layers = getattr(backbone, "layers", None)
+    layers = getattr(backbone_of(model), "layers", None)
     if layers is None:
         return []
     return [layer.mlp for layer in layers if type(getattr(layer, "mlp", None)).__name__ == "Ernie5SparseMoeBlock"]
@@ -256,7 +260,7 @@ def replay_routing(model, routing_BNLK: torch.Tensor | None):
     if routing_BNLK is None:
         yield
         return
-    backbone = getattr(model, "base_model", model)
+    backbone = backbone_of(model)
     cursor = [0]
 
     def hook(module, args, kwargs):
@@ -303,6 +307,12 @@ class RolloutEngine:
         self.synced_step = -1
         if self.dtype is not None or experts_backend is not None:
             import copy as copy_module
+
+            if hasattr(policy, "get_base_model"):
+                raise ValueError(
+                    "a separate rollout copy (rollout_dtype / rollout_experts_backend) is not supported for peft "
+                    "models; merge the adapter first or generate with the policy (leave both unset)"
+                )
 
             config = copy_module.deepcopy(policy.config)
             if experts_backend is not None:

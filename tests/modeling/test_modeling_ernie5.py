@@ -442,3 +442,29 @@ def test_remote_code_load_in_a_process_without_the_package(tmp_path):
     )
     assert result.returncode == 0, result.stderr[-3000:]
     assert "OK (2, 7)" in result.stdout
+
+
+def test_peft_lora_on_3d_expert_weights_trains_and_merges(tmp_path):
+    from peft import LoraConfig, PeftModel, get_peft_model
+
+    model = tiny_model()
+    x = ids(2, 8)
+    with torch.no_grad():
+        base = model(x).logits
+    cfg = LoraConfig(
+        r=4, lora_alpha=8, init_lora_weights=False, target_modules=["q_proj", "v_proj"],
+        target_parameters=["mlp.experts.gate_up_proj", "mlp.experts.down_proj"],
+    )  # fmt: skip
+    peft_model = get_peft_model(model, cfg)
+    adapted = peft_model(x).logits
+    assert not torch.allclose(adapted, base)
+    adapted.pow(2).mean().backward()
+    lora_grads = [
+        p.grad for n, p in peft_model.named_parameters() if "lora_" in n and "experts" in n and ".mtp." not in n
+    ]
+    assert lora_grads and all(g is not None and g.abs().sum() > 0 for g in lora_grads)
+    peft_model.save_pretrained(tmp_path)
+    reloaded = PeftModel.from_pretrained(tiny_model(), tmp_path)
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(x).logits, adapted.detach())
+        torch.testing.assert_close(reloaded.merge_and_unload()(x).logits, adapted.detach(), atol=1e-5, rtol=1e-4)
