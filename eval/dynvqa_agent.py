@@ -45,9 +45,14 @@ PROMPTS = {
     },
     "zh": {
         "answer": "{question}\n请用简短的词语回答。",
-        "query": "{question}\n为回答这个关于图片的问题，你可以进行网络搜索。请写出一条能查到所需信息的搜索词，格式为：查询：<搜索词>",
+        "query": (
+            "{question}\n为回答这个关于图片的问题，你可以进行网络搜索。"
+            "请写出一条能查到所需信息的搜索词，格式为：查询：<搜索词>"
+        ),
         "refine": "{question}\n之前的搜索结果：\n{evidence}\n请针对仍缺少的信息写一条更好的搜索词，格式为：查询：<搜索词>",
-        "answer_with_evidence": "网络搜索结果：\n{evidence}\n\n{question}\n请结合图片和搜索结果，用简短的词语回答问题。",
+        "answer_with_evidence": (
+            "网络搜索结果：\n{evidence}\n\n{question}\n请结合图片和搜索结果，用简短的词语回答问题。"
+        ),
     },
 }
 
@@ -95,7 +100,9 @@ def _search(runtime, query: str, top_k: int, trace: ItemTrace) -> None:
     trace.evidence.append(result.text)
 
 
-def run_batch(model, items: list, mode: str, runtime=None, top_k: int = 3, search_rounds: int = 1) -> list[tuple[str, ItemTrace]]:
+def run_batch(
+    model, items: list, mode: str, runtime=None, top_k: int = 3, search_rounds: int = 1
+) -> list[tuple[str, ItemTrace]]:
     """Answer a batch of Dyn-VQA items in one mode; one model call per stage for the whole batch.
 
     Args:

@@ -38,12 +38,14 @@ def dynvqa_markdown(result: dict) -> str:
         f"# Dyn-VQA: {result['run_name']}",
         "",
         f"- model: `{result['model']}` ({result.get('model_kind', '?')})",
-        f"- data: " + ", ".join(f"{d['file']} (lang {d['lang']}, release {d['release']}, sha256 {d['sha256'][:16]})" for d in result["data"]),
+        "- data: " + ", ".join(f"{d['file']} (lang {d['lang']}, release {d['release']}, sha256 {d['sha256'][:16]})"
+                               for d in result["data"]),
         f"- retrieval: {result['retrieval']['backend']}, top-k {result['retrieval']['top_k']}, "
         f"search rounds {result['retrieval']['search_rounds']}",
         f"- date: {result['date']}",
         "",
-        "| mode | n | F1-recall (official) | F1-recall (clean) | token F1 (clean) | official, without lang-mismatch | images missing | failed searches |",
+        "| mode | n | F1-recall (official) | F1-recall (clean) | token F1 (clean) "
+        "| official, without lang-mismatch | images missing | failed searches |",
         "|---|---|---|---|---|---|---|---|",
     ]
     for mode, m in result["modes"].items():

@@ -39,7 +39,10 @@ class RunConfig:
     Args:
         model (`str`): local model folder.
         benchmark (`str`): `"dynvqa"` or a name from `eval.benchmarks.BENCHMARKS`.
-        data (`list[str]`): data files: Dyn-VQA JSONL (one per language), a TSV, or a saved dataset.
+        data (`list[str]`): data files: Dyn-VQA JSONL (one per language) or a folder of releases, a
+            TSV, or a saved dataset.
+        release (`str`): Dyn-VQA release read from a data folder (default 202412, the cleanest).
+        langs (`list[str]`): Dyn-VQA languages read from a data folder.
         out (`str`): output folder.
         run_name (`str`, *optional*): label in reports (default: the output folder's name).
         modes (`list[str]`): Dyn-VQA modes among `direct`, `agent`, `golden`.
@@ -62,6 +65,8 @@ class RunConfig:
     data: list[str] = dataclasses.field(default_factory=list)
     out: str = "runs/eval"
     run_name: str | None = None
+    release: str = "202412"
+    langs: list[str] = dataclasses.field(default_factory=lambda: ["en"])
     modes: list[str] = dataclasses.field(default_factory=lambda: ["direct", "agent", "golden"])
     image_dir: str | None = None
     corpus: str | None = None
@@ -85,6 +90,8 @@ class RunConfig:
             self.modes = [m.strip() for m in self.modes.split(",") if m.strip()]
         if isinstance(self.data, str):
             self.data = [self.data]
+        if isinstance(self.langs, str):
+            self.langs = [m.strip() for m in self.langs.split(",") if m.strip()]
         bad = [m for m in self.modes if m not in MODES]
         if bad:
             raise ValueError(f"unknown Dyn-VQA mode(s) {bad}; choose from {MODES}")
@@ -205,13 +212,19 @@ def run_dynvqa(cfg: RunConfig, model) -> dict:
 
     from .dynvqa_agent import run_batch
     from .images import open_image
-    from .loaders.dynvqa import load_dynvqa
+    from .loaders.dynvqa import load_dynvqa, release_path
     from .predictions import PredictionStore
 
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     samples, data_info = [], []
-    for path in cfg.data:
+    files = []
+    for entry in cfg.data:
+        if os.path.isdir(entry):
+            files.extend(str(release_path(entry, lang, cfg.release)) for lang in cfg.langs)
+        else:
+            files.append(entry)
+    for path in files:
         loaded, report = load_dynvqa(path, image_dir=cfg.image_dir, drop_language_mismatch=cfg.drop_language_mismatch,
                                      limit=cfg.limit)
         samples.extend(loaded)
@@ -339,6 +352,23 @@ def run_benchmark(cfg: RunConfig, model) -> dict:
     }
 
 
+def _check_resume_target(cfg: RunConfig) -> None:
+    """Refuse to resume into a folder whose predictions came from another model or benchmark."""
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    meta_path = out / "run_meta.json"
+    meta = {"model": os.path.abspath(cfg.model) if cfg.model else None, "benchmark": cfg.benchmark.lower(),
+            "max_new_tokens": cfg.max_new_tokens, "top_k": cfg.top_k, "search_rounds": cfg.search_rounds}
+    if meta_path.exists():
+        previous = json.loads(meta_path.read_text(encoding="utf-8"))
+        changed = {k: (previous.get(k), v) for k, v in meta.items() if previous.get(k) != v}
+        if changed:
+            raise ValueError(f"{out} holds predictions made with other settings {changed}; "
+                             "finished items would be mixed in. Use a new --out or delete the folder.")
+    else:
+        meta_path.write_text(json.dumps(meta, indent=1), encoding="utf-8")
+
+
 def evaluate_run(cfg: RunConfig, model=None) -> dict:
     """Run one configuration end to end and write its report; returns the result dict."""
     from .model import GenerationModel
@@ -348,6 +378,7 @@ def evaluate_run(cfg: RunConfig, model=None) -> dict:
         raise ValueError("no --model given")
     if not cfg.data:
         raise ValueError("no --data given")
+    _check_resume_target(cfg)
     start = time.perf_counter()
     if model is None:
         model = GenerationModel(cfg.model, device=cfg.device, dtype=cfg.dtype, trust_remote_code=cfg.trust_remote_code,

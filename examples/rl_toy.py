@@ -39,7 +39,7 @@ def parse_args():
     p.add_argument("--quick", action="store_true", help="fewer SFT and RL steps (smoke check)")
     p.add_argument("--sft_steps", type=int, default=None)
     p.add_argument("--rl_steps", type=int, default=None)
-    p.add_argument("--rl_lr", type=float, default=1e-3)
+    p.add_argument("--rl_lr", type=float, default=5e-4)
     p.add_argument("--sft_dir", default=None, help="reuse an SFT checkpoint (skips step 1)")
     p.add_argument("--seed", type=int, default=0)
     return p.parse_args()
@@ -126,7 +126,7 @@ def run_rl(name, sft_dir, tokenizer, train_ds, eval_rows, args, steps, stabilise
         learning_rate=args.rl_lr,
         lr_scheduler_type="constant",
         warmup_steps=0,
-        per_device_train_batch_size=64,
+        per_device_train_batch_size=96,  # 12 prompts x 8 completions per step
         num_generations=8,
         num_iterations=2,
         max_completion_length=5,
@@ -149,7 +149,7 @@ def run_rl(name, sft_dir, tokenizer, train_ds, eval_rows, args, steps, stabilise
     seconds = time.time() - start
     policy = trainer.accelerator.unwrap_model(trainer.model)
     trainer.save_model(os.path.join(args.output_dir, name, "final"))
-    history = [h for h in trainer.state.log_history if "reward" in h]
+    history = [h for h in trainer.state.log_history if "loss" in h and "train_runtime" not in h]
     return {
         "seconds": round(seconds, 1),
         "eval_accuracy": greedy_accuracy(policy, tokenizer, eval_rows),
@@ -174,8 +174,8 @@ def main():
     from processing.tokenizer import train_text_tokenizer
     from training.rl import plot_rl_curves, toy_world_dataset
 
-    sft_steps = args.sft_steps or (150 if args.quick else 500)
-    rl_steps = args.rl_steps or (8 if args.quick else 40)
+    sft_steps = args.sft_steps or (150 if args.quick else 300)
+    rl_steps = args.rl_steps or (8 if args.quick else 30)
     os.makedirs(args.output_dir, exist_ok=True)
     torch.manual_seed(args.seed)
     kinds = ("count", "color", "shape", "exists", "position")

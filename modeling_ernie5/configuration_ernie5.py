@@ -225,7 +225,7 @@ class Ernie5Config(PretrainedConfig):
             elastic_min_experts if elastic_min_experts is not None else max(num_experts_per_tok, num_experts // 2)
         )
         self.elastic_min_top_k = elastic_min_top_k
-        self.elastic_source = dict(elastic_source) if elastic_source is not None else None
+        self.elastic_source = elastic_source
         # Vision (issue 5): None keeps the model text-only. Placeholder ids index the text vocabulary.
         if isinstance(vision_config, dict):
             vision_config = Ernie5VisionConfig(**vision_config)

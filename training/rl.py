@@ -42,7 +42,6 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-import math
 import os
 import random
 from dataclasses import dataclass, field
@@ -743,7 +742,8 @@ class RLCurvesCallback(TrainerCallback):
         self.history: list[dict[str, float]] = []
 
     def on_log(self, args, state, control, logs=None, **kwargs):
-        if logs and "reward" in logs:
+        # Training-step logs only (not the end-of-run summary); steps without a rollout carry no reward key.
+        if logs and "loss" in logs and "train_runtime" not in logs:
             self.history.append({"step": state.global_step, **{k: v for k, v in logs.items() if isinstance(v, (int, float))}})
 
     def on_train_end(self, args, state, control, **kwargs):
@@ -767,19 +767,26 @@ def plot_rl_curves(runs: dict[str, list[dict[str, float]]], path: str) -> None:
 
     fig, axes = plt.subplots(2, 2, figsize=(11, 7))
     for name, history in runs.items():
-        steps = [h["step"] for h in history]
 
         def series(key):
-            return [h.get(key, math.nan) for h in history]
+            points = [(h["step"], h[key]) for h in history if isinstance(h.get(key), (int, float)) and h[key] == h[key]]
+            return [p[0] for p in points], [p[1] for p in points]
 
-        axes[0, 0].plot(steps, series("reward"), label=name)
-        axes[0, 1].plot(steps, series("entropy"), label=name)
-        axes[1, 0].plot(steps, series("mismatch/logp_absdiff_mean"), label=f"{name}: no replay")
-        if any(not math.isnan(v) for v in series("mismatch/replay_logp_absdiff_mean")):
-            axes[1, 0].plot(steps, series("mismatch/replay_logp_absdiff_mean"), "--", label=f"{name}: replay")
-        axes[1, 1].plot(steps, series("clip_ratio/region_mean"), label=f"{name}: clipped")
-        if any(not math.isnan(v) for v in series("misc/token_masked_frac")):
-            axes[1, 1].plot(steps, series("misc/token_masked_frac"), "--", label=f"{name}: IcePop masked")
+        def draw(ax, key, label, style="-", smooth=0):
+            x, y = series(key)
+            if not x:
+                return
+            line = ax.plot(x, y, style, label=label, alpha=0.45 if smooth else 1.0, linewidth=1)[0]
+            if smooth and len(y) >= smooth:
+                avg = [sum(y[max(0, i - smooth + 1) : i + 1]) / len(y[max(0, i - smooth + 1) : i + 1]) for i in range(len(y))]
+                ax.plot(x, avg, style, color=line.get_color(), linewidth=2.2, label=f"{label} (mean of {smooth})")
+
+        draw(axes[0, 0], "reward", name, smooth=5)
+        draw(axes[0, 1], "entropy", name)
+        draw(axes[1, 0], "mismatch/logp_absdiff_mean", f"{name}: no replay")
+        draw(axes[1, 0], "mismatch/replay_logp_absdiff_mean", f"{name}: replay", "--")
+        draw(axes[1, 1], "clip_ratio/region_mean", f"{name}: clipped")
+        draw(axes[1, 1], "misc/token_masked_frac", f"{name}: IcePop masked", "--")
     for ax, (_, title) in zip(axes.flat, RLCurvesCallback.PANELS):
         ax.set_title(title)
         ax.set_xlabel("step")

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import os
 import sys
 from pathlib import Path
 
@@ -48,29 +47,44 @@ PAPER_DEFAULTS = dict(
 class SFTScriptArguments:
     """Model and data arguments of `training/sft.py` (training settings come from TRL's `SFTConfig`)."""
 
-    model_name_or_path: str = dataclasses.field(metadata={"help": "Local model folder (weights + processor or tokenizer)."})
+    model_name_or_path: str = dataclasses.field(
+        metadata={"help": "Local model folder (weights + processor or tokenizer)."}
+    )
     dataset_path: str = dataclasses.field(
         metadata={"help": "An MMAT output dir (or its integrate/ dir), or a released MMAT-1M .jsonl file."}
     )
     data_format: str = dataclasses.field(default="rr", metadata={"help": "`rr` (multi-turn) or `orr` (one-turn)."})
-    image_root: str | None = dataclasses.field(default=None, metadata={"help": "Image folder for released JSONL files."})
-    text_only: bool = dataclasses.field(default=False, metadata={"help": "Drop images and load AutoModelForCausalLM (e.g. ernie5)."})
+    image_root: str | None = dataclasses.field(
+        default=None, metadata={"help": "Image folder for released JSONL files."}
+    )
+    text_only: bool = dataclasses.field(
+        default=False, metadata={"help": "Drop images and load AutoModelForCausalLM (e.g. ernie5)."}
+    )
     max_samples: int | None = dataclasses.field(default=None, metadata={"help": "Use at most this many samples."})
     use_peft: bool = dataclasses.field(default=False, metadata={"help": "Train LoRA adapters instead of all weights."})
     lora_r: int = dataclasses.field(default=16, metadata={"help": "LoRA rank (not given in the paper)."})
     lora_alpha: int = dataclasses.field(default=32, metadata={"help": "LoRA alpha."})
-    lora_dropout: float = dataclasses.field(default=0.05, metadata={"help": "LoRA dropout."})
+    lora_dropout: float = dataclasses.field(
+        default=0.0, metadata={"help": "LoRA dropout (must be 0 with --lora_target_parameters)."}
+    )
     lora_target_modules: list[str] = dataclasses.field(
         default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"], metadata={"help": "nn.Linear names to adapt."}
     )
     lora_target_parameters: list[str] | None = dataclasses.field(
         default=None,
-        metadata={"help": "nn.Parameter names to adapt, e.g. mlp.experts.gate_up_proj mlp.experts.down_proj (3D experts)."},
+        metadata={
+            "help": "nn.Parameter names to adapt, e.g. mlp.experts.gate_up_proj mlp.experts.down_proj (3D experts)."
+        },
     )
 
     def __post_init__(self):
         if self.data_format not in ("rr", "orr"):
             raise ValueError(f"data_format must be 'rr' or 'orr', got {self.data_format!r}")
+        if self.lora_target_parameters and self.lora_dropout:
+            raise ValueError(
+                f"lora_dropout={self.lora_dropout} with lora_target_parameters: peft applies LoRA to raw parameters "
+                "(3D expert weights) without dropout; set --lora_dropout 0"
+            )
 
 
 def load_sft_dataset(args: SFTScriptArguments):
@@ -125,7 +139,13 @@ def build_trainer(script_args: SFTScriptArguments, training_args):
             task_type="CAUSAL_LM",
         )
     dataset = load_sft_dataset(script_args)
-    return SFTTrainer(model=model, args=training_args, train_dataset=dataset, processing_class=processing_class, peft_config=peft_config)
+    return SFTTrainer(
+        model=model,
+        args=training_args,
+        train_dataset=dataset,
+        processing_class=processing_class,
+        peft_config=peft_config,
+    )
 
 
 def main(script_args: SFTScriptArguments, training_args) -> dict:

@@ -121,6 +121,23 @@ def parse_dynvqa_filename(path: str | os.PathLike) -> tuple[str | None, str | No
     return match.group("lang"), match.group("release")
 
 
+def release_path(root: str | os.PathLike, lang: str = "en", release: str = "202412") -> Path:
+    """`<root>/DynVQA_<lang>.<release>.jsonl`, the release naming of the OmniSearch repository.
+
+    202412 is the default: it is the cleanest English release (no null, nested or Chinese-only
+    answers), the one later work (R1-Router) reports on.
+    """
+    if lang not in ("en", "zh"):
+        raise ValueError(f"lang must be 'en' or 'zh', got {lang!r}")
+    if release not in RELEASES:
+        raise ValueError(f"unknown Dyn-VQA release {release!r}; known: {RELEASES}")
+    path = Path(root) / f"DynVQA_{lang}.{release}.jsonl"
+    if not path.is_file():
+        available = sorted(p.name for p in Path(root).glob("DynVQA_*.jsonl"))
+        raise ValueError(f"{path} not found; {root} holds {available or 'no Dyn-VQA files'}")
+    return path
+
+
 def _is_nan(value) -> bool:
     return isinstance(value, float) and math.isnan(value)
 

@@ -37,7 +37,10 @@ def _add_config_flags(parser: argparse.ArgumentParser) -> None:
         hint = hints[field.name]
         args = typing.get_args(hint)
         base = next((a for a in args if a is not type(None)), hint) if args else hint
-        kwargs: dict = {"default": argparse.SUPPRESS, "help": f"(default: {field.default if field.default is not dataclasses.MISSING else field.default_factory()})"}
+        kwargs: dict = {
+            "default": argparse.SUPPRESS,
+            "help": f"(default: {field.default if field.default is not dataclasses.MISSING else field.default_factory()})",
+        }
         if typing.get_origin(base) is list:
             kwargs.update(nargs="+", type=str)
         elif base is bool:
@@ -48,7 +51,10 @@ def _add_config_flags(parser: argparse.ArgumentParser) -> None:
 
 
 def make_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m processing.mmat", description="MMAT-1M data engine (curate -> rationale -> reflection -> integrate).")
+    parser = argparse.ArgumentParser(
+        prog="python -m processing.mmat",
+        description="MMAT-1M data engine (curate -> rationale -> reflection -> integrate).",
+    )
     sub = parser.add_subparsers(dest="command", required=True)
     for name in STAGE_COMMANDS:
         p = sub.add_parser(name, help=f"run {'all four stages' if name == 'all' else 'the ' + name + ' stage'}")
@@ -79,7 +85,10 @@ def main(argv: list[str] | None = None) -> int:
     stages = ORDER if args.command == "all" else (args.command,)
     summaries = run_pipeline(config, stages)
     plot_summaries(summaries, config.output_dir)
-    brief = {name: {k: s[k] for k in ("complete", "n_inputs", "finished_samples", "counts", "cost")} for name, s in summaries.items()}
+    brief = {
+        name: {k: s[k] for k in ("complete", "n_inputs", "finished_samples", "counts", "cost")}
+        for name, s in summaries.items()
+    }
     print(json.dumps(brief, indent=2))
     return 0 if all(s["complete"] for s in summaries.values()) else 3
 

@@ -68,7 +68,9 @@ def read_vqa_file(path: str | os.PathLike) -> list[dict]:
         import pyarrow.parquet as pq
 
         return pq.read_table(path).to_pylist()
-    raise ValueError(f"{path}: unsupported VQA file type {suffix!r}; use .jsonl, .json, .csv, .parquet or a datasets folder")
+    raise ValueError(
+        f"{path}: unsupported VQA file type {suffix!r}; use .jsonl, .json, .csv, .parquet or a datasets folder"
+    )
 
 
 def _majority(answers) -> str:
@@ -98,7 +100,14 @@ def expand_record(row: dict, source: str, index: int) -> list[dict]:
                 question = None
         meta = {k: v for k, v in row.items() if k not in ("conversations",) + IMAGE_KEYS + ID_KEYS}
         return [
-            {"id": f"{base_id}#{k}" if len(pairs) > 1 else base_id, "source": source, "raw_image": image, "question": q, "answer": a, "meta": meta}
+            {
+                "id": f"{base_id}#{k}" if len(pairs) > 1 else base_id,
+                "source": source,
+                "raw_image": image,
+                "question": q,
+                "answer": a,
+                "meta": meta,
+            }
             for k, (q, a) in enumerate(pairs)
         ] or [{"id": base_id, "source": source, "raw_image": image, "question": None, "answer": None, "meta": meta}]
     qkey, question = _first(row, QUESTION_KEYS)

@@ -94,7 +94,9 @@ def read_records(output_dir: str | os.PathLike, name: str) -> list[dict]:
     import pyarrow.parquet as pq
 
     if not is_complete(output_dir, name):
-        raise ValueError(f"stage {name!r} in {output_dir} is not complete; run it first (`python -m processing.mmat {name}`)")
+        raise ValueError(
+            f"stage {name!r} in {output_dir} is not complete; run it first (`python -m processing.mmat {name}`)"
+        )
     rows: list[dict] = []
     for path in sorted((stage_dir(output_dir, name) / "data").glob("shard-*.parquet")):
         rows.extend(pq.read_table(path).to_pylist())
@@ -285,7 +287,14 @@ def run_shards(stage: Stage, shard_ids: list[int] | None = None, position: int =
     total = sum(len(runner.shards[i]) for i in ids)
     already = sum(len(runner.shards[i]) if runner.sealed(i) else len(runner._read_journal(i)) for i in ids)
     processed, exhausted = 0, False
-    with tqdm(total=total, initial=already, desc=f"mmat {stage.name}", unit="sample", disable=not stage.config.progress, position=position) as bar:
+    with tqdm(
+        total=total,
+        initial=already,
+        desc=f"mmat {stage.name}",
+        unit="sample",
+        disable=not stage.config.progress,
+        position=position,
+    ) as bar:
         for index in ids:
             n, exhausted = runner.run_shard(index, bar)
             processed += n
@@ -355,7 +364,9 @@ def run_stage(stage: Stage) -> dict:
 
         step = MMATStageStep(dataclasses.asdict(config), stage.name)
         log_dir = directory / "_datatrove" / time.strftime("run-%Y%m%d-%H%M%S") / f"{os.getpid()}"
-        executor = LocalPipelineExecutor(pipeline=[step], tasks=config.tasks, workers=config.workers, logging_dir=str(log_dir))
+        executor = LocalPipelineExecutor(
+            pipeline=[step], tasks=config.tasks, workers=config.workers, logging_dir=str(log_dir)
+        )
         executor.run()
         info: dict[str, Any] = {"executor": "datatrove", "tasks": config.tasks, "workers": config.workers}
     else:
@@ -364,5 +375,7 @@ def run_stage(stage: Stage) -> dict:
     info["elapsed_s"] = round(time.time() - start, 3)
     summary = finalize(stage, info)
     if not summary["complete"] and not info.get("budget_exhausted"):
-        logger.warning("stage %s is incomplete (%d/%d shards sealed)", stage.name, summary["sealed_shards"], summary["n_shards"])
+        logger.warning(
+            "stage %s is incomplete (%d/%d shards sealed)", stage.name, summary["sealed_shards"], summary["n_shards"]
+        )
     return summary

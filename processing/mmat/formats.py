@@ -33,8 +33,12 @@ STYLE_CONSTRAINTS = (STYLE_SHORT, STYLE_LETTER, STYLE_BRIEF)
 # ---- RR turn strings (verbatim data format)
 RR_START = " Please start your reasoning."
 RR_CONTINUE = " Please continue your reasoning."
-RR_NO_RESULTS = "No additional operator or rag results were selected in the previous step. Please continue your reasoning."
-RR_MAKE_REFLECTION = "No additional operator or rag results were selected in the previous step. Please make a reflection."
+RR_NO_RESULTS = (
+    "No additional operator or rag results were selected in the previous step. Please continue your reasoning."
+)
+RR_MAKE_REFLECTION = (
+    "No additional operator or rag results were selected in the previous step. Please make a reflection."
+)
 RR_SUMMARIZE = "Based on the above information, please summarize and give the answer to the initial question: "
 SIGNAL_CONTINUE, SIGNAL_END, SIGNAL_REFLECTION = "continue", "end", "reflection"
 # Figs. 2 and 12 put nothing between the tags of a step, Fig. 13 a newline before <SIGNAL> in
@@ -112,7 +116,10 @@ def render_feedback(results: list[dict]) -> str:
     """The user turn that follows a step: every result, then the request to continue."""
     if not results:
         return RR_NO_RESULTS
-    parts = [f"Here are {rr_operator_name(r['name'])} results from the previous step:{render_result_body(r)}" for r in results]
+    parts = [
+        f"Here are {rr_operator_name(r['name'])} results from the previous step:{render_result_body(r)}"
+        for r in results
+    ]
     return " ".join(parts) + RR_CONTINUE
 
 
@@ -151,21 +158,30 @@ def render_rr(sample: dict, steps: list[dict], reflection: dict | None, answer: 
         last = i == len(steps) - 1
         signal = SIGNAL_END if last and reflection is None else SIGNAL_CONTINUE
         rag_query = step["rag"]["query"] if step["rag"].get("needed") else None
-        messages.append({"role": "assistant", "content": render_step(step["thought"], step["operators"], rag_query, signal)})
+        messages.append(
+            {"role": "assistant", "content": render_step(step["thought"], step["operators"], rag_query, signal)}
+        )
         if not last or reflection is not None:
             messages.append({"role": "user", "content": render_feedback(step_results(step))})
     if reflection is not None:
         messages.append(
-            {"role": "assistant", "content": render_step(reflection["opener"], [], None, SIGNAL_REFLECTION, REFLECTION_SEP)}
+            {
+                "role": "assistant",
+                "content": render_step(reflection["opener"], [], None, SIGNAL_REFLECTION, REFLECTION_SEP),
+            }
         )
         messages.append({"role": "user", "content": RR_MAKE_REFLECTION})
-        messages.append({"role": "assistant", "content": render_step(reflection["thought"], [], None, SIGNAL_END, REFLECTION_SEP)})
+        messages.append(
+            {"role": "assistant", "content": render_step(reflection["thought"], [], None, SIGNAL_END, REFLECTION_SEP)}
+        )
     messages.append({"role": "user", "content": f"{RR_SUMMARIZE}{prompt}"})
     messages.append({"role": "assistant", "content": answer})
     return messages
 
 
-def render_orr(sample: dict, steps: list[dict], reflection: dict | None, answer: str, system: bool = True) -> list[dict]:
+def render_orr(
+    sample: dict, steps: list[dict], reflection: dict | None, answer: str, system: bool = True
+) -> list[dict]:
     """The one-turn ORR sample: successful operator results inlined (RAG excluded, §3.2), thoughts joined."""
     prompt = with_style(sample["question"], sample.get("style"))
     api = ""

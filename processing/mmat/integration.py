@@ -45,7 +45,11 @@ class IntegrateStage(Stage):
         import datasets
 
         message = {"role": datasets.Value("string"), "content": datasets.Value("string")}
-        feats = {"id": datasets.Value("string"), "images": datasets.Sequence(datasets.Value("string")), "reflection_kind": datasets.Value("string")}
+        feats = {
+            "id": datasets.Value("string"),
+            "images": datasets.Sequence(datasets.Value("string")),
+            "reflection_kind": datasets.Value("string"),
+        }
         for key in ("rr_messages", "orr_messages", "rr_released", "orr_released"):
             feats[key] = [message]
         return datasets.Features(feats)
@@ -72,5 +76,11 @@ class IntegrateStage(Stage):
             tmp = stage_dir / f".{fmt}.jsonl.tmp"
             with open(tmp, "w", encoding="utf-8") as f:
                 for row in rows:
-                    f.write(json.dumps({"id": row["id"], "messages": row[f"{fmt}_released"], "images": row["images"]}, ensure_ascii=False) + "\n")
+                    f.write(
+                        json.dumps(
+                            {"id": row["id"], "messages": row[f"{fmt}_released"], "images": row["images"]},
+                            ensure_ascii=False,
+                        )
+                        + "\n"
+                    )
             tmp.replace(stage_dir / f"{fmt}.jsonl")

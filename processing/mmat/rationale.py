@@ -22,7 +22,20 @@ from .steps import MalformedReply
 from .teachers import TeacherError
 
 _ARTICLES = {"a", "an", "the"}
-_NUMBER_WORDS = {"zero": "0", "none": "0", "one": "1", "two": "2", "three": "3", "four": "4", "five": "5", "six": "6", "seven": "7", "eight": "8", "nine": "9", "ten": "10"}
+_NUMBER_WORDS = {
+    "zero": "0",
+    "none": "0",
+    "one": "1",
+    "two": "2",
+    "three": "3",
+    "four": "4",
+    "five": "5",
+    "six": "6",
+    "seven": "7",
+    "eight": "8",
+    "nine": "9",
+    "ten": "10",
+}
 
 
 def normalize_answer(text: str) -> str:
@@ -49,7 +62,14 @@ def open_image(path: str) -> Image.Image:
 
 
 def _result_dict(result) -> dict:
-    return {"name": result.name, "ok": result.ok, "text": result.text, "data": result.data, "error": result.error, "elapsed_s": round(result.elapsed_s, 4)}
+    return {
+        "name": result.name,
+        "ok": result.ok,
+        "text": result.text,
+        "data": result.data,
+        "error": result.error,
+        "elapsed_s": round(result.elapsed_s, 4),
+    }
 
 
 class RationaleStage(Stage):

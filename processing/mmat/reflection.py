@@ -50,7 +50,20 @@ class ReflectionStage(Stage):
     def features(self):
         import datasets
 
-        names = ("id", "source", "image", "question", "answer", "style", "meta", "steps", "objects", "teacher_answer", "reflection", "judge_reason")
+        names = (
+            "id",
+            "source",
+            "image",
+            "question",
+            "answer",
+            "style",
+            "meta",
+            "steps",
+            "objects",
+            "teacher_answer",
+            "reflection",
+            "judge_reason",
+        )
         feats = {k: datasets.Value("string") for k in names}
         feats["n_steps"] = datasets.Value("int32")
         feats["judge_score"] = datasets.Value("float32")
@@ -83,7 +96,12 @@ class ReflectionStage(Stage):
             if reflection is None and self.config.math_reflection and is_math_sample(record, self.config.math_sources):
                 verdict = self.teacher.math_reflection(record, messages)
                 if verdict["thought"]:
-                    reflection = {"kind": "math", "reason": verdict["reason"], "opener": pick(MATH_OPENERS, record["id"]), "thought": verdict["thought"]}
+                    reflection = {
+                        "kind": "math",
+                        "reason": verdict["reason"],
+                        "opener": pick(MATH_OPENERS, record["id"]),
+                        "thought": verdict["thought"],
+                    }
             score, reason = None, ""
             if self.config.judge:
                 final = render_rr(record, steps, reflection, record["answer"])
@@ -95,7 +113,12 @@ class ReflectionStage(Stage):
             raise SampleError("teacher_error", str(err)) from err
         if self.config.min_quality is not None and score is not None and score < self.config.min_quality:
             raise SampleError("low_quality", f"judge score {score} < {self.config.min_quality}: {reason}")
-        return {**record, "reflection": json.dumps(reflection, ensure_ascii=False), "judge_score": score, "judge_reason": reason}
+        return {
+            **record,
+            "reflection": json.dumps(reflection, ensure_ascii=False),
+            "judge_score": score,
+            "judge_reason": reason,
+        }
 
     def counters(self, record: dict) -> dict[str, int]:
         reflection = json.loads(record["reflection"])

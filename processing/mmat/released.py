@@ -31,7 +31,9 @@ def parse_record(raw: dict, where: str, image_root: str | os.PathLike | None = N
     """
     unknown = sorted(set(raw) - set(RECORD_FIELDS))
     if unknown:
-        raise ValueError(f"{where}: unknown field(s) {unknown}; known: {sorted(RECORD_FIELDS)} (update RECORD_FIELDS in {__name__})")
+        raise ValueError(
+            f"{where}: unknown field(s) {unknown}; known: {sorted(RECORD_FIELDS)} (update RECORD_FIELDS in {__name__})"
+        )
     out: dict = {"id": None, "messages": None, "images": []}
     for key, value in raw.items():
         target = RECORD_FIELDS[key]
@@ -67,7 +69,12 @@ def parse_record(raw: dict, where: str, image_root: str | os.PathLike | None = N
     return {"id": str(out["id"]) if out["id"] is not None else where, "messages": messages, "images": images}
 
 
-def load_mmat1m_jsonl(path: str | os.PathLike, image_root: str | os.PathLike | None = None, layout: str = "trl", max_samples: int | None = None):
+def load_mmat1m_jsonl(
+    path: str | os.PathLike,
+    image_root: str | os.PathLike | None = None,
+    layout: str = "trl",
+    max_samples: int | None = None,
+):
     """Read a released MMAT-1M JSONL file into a `datasets.Dataset` with `id`, `messages`, `images`.
 
     Args:
@@ -99,5 +106,7 @@ def load_mmat1m_jsonl(path: str | os.PathLike, image_root: str | os.PathLike | N
             if max_samples and len(rows) >= max_samples:
                 break
     message = {"role": datasets.Value("string"), "content": datasets.Value("string")}
-    features = datasets.Features({"id": datasets.Value("string"), "messages": [message], "images": datasets.Sequence(datasets.Value("string"))})
+    features = datasets.Features(
+        {"id": datasets.Value("string"), "messages": [message], "images": datasets.Sequence(datasets.Value("string"))}
+    )
     return datasets.Dataset.from_list(rows, features=features)

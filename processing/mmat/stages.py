@@ -13,7 +13,12 @@ from .reflection import ReflectionStage
 
 logger = logging.getLogger(__name__)
 
-STAGES = {"curate": CurateStage, "rationale": RationaleStage, "reflection": ReflectionStage, "integrate": IntegrateStage}
+STAGES = {
+    "curate": CurateStage,
+    "rationale": RationaleStage,
+    "reflection": ReflectionStage,
+    "integrate": IntegrateStage,
+}
 ORDER = tuple(STAGES)
 
 

@@ -137,5 +137,10 @@ def parse_judge(text: str) -> dict:
 def step_to_json(step: ReasoningStep) -> str:
     """Serialise a step back to the teacher's JSON (used for the assistant turns of its history)."""
     return json.dumps(
-        {"thought": step.thought, "operators": step.operators, "rag": {"needed": step.rag_needed, "query": step.rag_query}, "next_action": step.next_action}
+        {
+            "thought": step.thought,
+            "operators": step.operators,
+            "rag": {"needed": step.rag_needed, "query": step.rag_query},
+            "next_action": step.next_action,
+        }
     )

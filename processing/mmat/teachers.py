@@ -20,7 +20,6 @@ from __future__ import annotations
 import base64
 import dataclasses
 import io
-import json
 import logging
 import os
 import random
@@ -85,7 +84,9 @@ class Budget:
 
     @property
     def cost_usd(self) -> float:
-        return (self.prompt_tokens * self.prompt_price_per_1k + self.completion_tokens * self.completion_price_per_1k) / 1000
+        return (
+            self.prompt_tokens * self.prompt_price_per_1k + self.completion_tokens * self.completion_price_per_1k
+        ) / 1000
 
     def reserve(self) -> None:
         """Count one request, or raise :class:`BudgetExceeded` if any limit is reached."""
@@ -200,7 +201,12 @@ class OpenAIChatClient:
 
     def chat(self, messages: list[dict], json_mode: bool = False) -> ChatReply:
         """Send one chat request; retry transient failures; raise :class:`TeacherError` when out of tries."""
-        body = {"model": self.model, "messages": _to_openai(messages), "temperature": self.temperature, "max_tokens": self.max_tokens}
+        body = {
+            "model": self.model,
+            "messages": _to_openai(messages),
+            "temperature": self.temperature,
+            "max_tokens": self.max_tokens,
+        }
         if json_mode:
             body["response_format"] = {"type": "json_object"}
         last = "no attempt made"
@@ -232,7 +238,9 @@ class OpenAIChatClient:
                         last = f"unreadable response body ({type(err).__name__})"
                     else:
                         usage = payload.get("usage") or {}
-                        reply = ChatReply(text, int(usage.get("prompt_tokens", 0)), int(usage.get("completion_tokens", 0)))
+                        reply = ChatReply(
+                            text, int(usage.get("prompt_tokens", 0)), int(usage.get("completion_tokens", 0))
+                        )
                         self.budget.record(reply.prompt_tokens, reply.completion_tokens)
                         return reply
             if attempt < self.max_retries:
@@ -360,7 +368,10 @@ class ChatTeacher:
                     raise
                 messages += [
                     {"role": "assistant", "content": reply.text},
-                    {"role": "user", "content": f"Your reply was rejected: {err}. Reply again with the JSON object only."},
+                    {
+                        "role": "user",
+                        "content": f"Your reply was rejected: {err}. Reply again with the JSON object only.",
+                    },
                 ]
 
     @staticmethod
@@ -374,8 +385,20 @@ class ChatTeacher:
             self._question_turn(sample, image, with_style(sample["question"], sample.get("style"))),
         ]
         for step in history:
-            messages.append({"role": "assistant", "content": step_to_json(ReasoningStep(
-                step["thought"], step["operators"], step["rag"]["needed"], step["rag"]["query"], step["next_action"]))})
+            messages.append(
+                {
+                    "role": "assistant",
+                    "content": step_to_json(
+                        ReasoningStep(
+                            step["thought"],
+                            step["operators"],
+                            step["rag"]["needed"],
+                            step["rag"]["query"],
+                            step["next_action"],
+                        )
+                    ),
+                }
+            )
             messages.append({"role": "user", "content": render_feedback(step_results(step))})
         return messages
 
@@ -391,7 +414,9 @@ class ChatTeacher:
         prompt = SCENE_GRAPH_PROMPT.format(question=with_style(sample["question"], sample.get("style")))
         return self._ask_json([self._question_turn(sample, image, prompt)], parse)
 
-    def step(self, sample: dict, image: Image.Image, history: list[dict], operators: list[str], rag: bool = True) -> ReasoningStep:
+    def step(
+        self, sample: dict, image: Image.Image, history: list[dict], operators: list[str], rag: bool = True
+    ) -> ReasoningStep:
         allowed = tuple(operators)
 
         def parse(text):
@@ -410,7 +435,9 @@ class ChatTeacher:
     def math_reflection(self, sample: dict, messages: list[dict]) -> dict:
         body = [m for m in messages if m["role"] != "system"]
         prompt = MATH_REFLECTION_PROMPT.format(
-            conversations=conversation_text(body), second_to_last=conversation_text(body[-4:-2]), last=conversation_text(body[-2:])
+            conversations=conversation_text(body),
+            second_to_last=conversation_text(body[-4:-2]),
+            last=conversation_text(body[-2:]),
         )
         return self._ask_json([{"role": "user", "content": prompt}], parse_math_reflection)
 

@@ -30,7 +30,6 @@ from PIL import Image, ImageDraw, ImageFilter
 
 from processing import toy_world
 
-from .formats import with_style
 from .steps import ReasoningStep
 
 SIDES = {"triangle": 3, "square": 4, "circle": 0}
@@ -69,8 +68,13 @@ def draw_portrait(rng: random.Random, size: int = 192) -> tuple[Image.Image, lis
         draw.ellipse([ox + s * 0.1, oy, ox + s * 0.9, oy + s], fill=skin)
         for ex in (0.32, 0.68):
             draw.ellipse([ox + s * (ex - 0.09), oy + s * 0.36, ox + s * (ex + 0.09), oy + s * 0.44], fill=(40, 30, 30))
-            draw.rectangle([ox + s * (ex - 0.12), oy + s * 0.27, ox + s * (ex + 0.12), oy + s * 0.30], fill=(60, 40, 30))
-        draw.polygon([(ox + s * 0.5, oy + s * 0.45), (ox + s * 0.44, oy + s * 0.64), (ox + s * 0.56, oy + s * 0.64)], fill=(190, 140, 110))
+            draw.rectangle(
+                [ox + s * (ex - 0.12), oy + s * 0.27, ox + s * (ex + 0.12), oy + s * 0.30], fill=(60, 40, 30)
+            )
+        draw.polygon(
+            [(ox + s * 0.5, oy + s * 0.45), (ox + s * 0.44, oy + s * 0.64), (ox + s * 0.56, oy + s * 0.64)],
+            fill=(190, 140, 110),
+        )
         draw.ellipse([ox + s * 0.36, oy + s * 0.72, ox + s * 0.64, oy + s * 0.80], fill=(150, 60, 60))
         boxes.append([float(ox + s * 0.1), float(oy), float(ox + s * 0.9), float(oy + s)])
     return image.filter(ImageFilter.GaussianBlur(1)), boxes
@@ -95,7 +99,15 @@ def make_toy_vqa(out_dir: str | Path, n_items: int = 20, seed: int = 0, size: in
             name = f"images/portrait-{scene_seed}.png"
             image.save(out / name)
             meta = {"qa_kind": "face", "faces": faces, "shapes": [], "text": None}
-            lines.append({"id": f"toy-{item:05d}", "image": name, "question": "How many faces are there?", "answer": str(len(faces)), "meta": meta})
+            lines.append(
+                {
+                    "id": f"toy-{item:05d}",
+                    "image": name,
+                    "question": "How many faces are there?",
+                    "answer": str(len(faces)),
+                    "meta": meta,
+                }
+            )
             continue
         image, scene = toy_world.draw_scene(scene_seed, size=size, with_text=True)
         name = f"images/scene-{scene_seed}.png"
@@ -106,13 +118,29 @@ def make_toy_vqa(out_dir: str | Path, n_items: int = 20, seed: int = 0, size: in
             shape = rng.choice(scene.shapes)
             question = f"How many sides does the {shape.color} {shape.kind} have?"
             meta = {**base, "qa_kind": "knowledge", "target": {"kind": shape.kind, "color": shape.color}}
-            lines.append({"id": f"toy-{item:05d}", "image": name, "question": question, "answer": str(SIDES[shape.kind]), "meta": meta})
+            lines.append(
+                {
+                    "id": f"toy-{item:05d}",
+                    "image": name,
+                    "question": question,
+                    "answer": str(SIDES[shape.kind]),
+                    "meta": meta,
+                }
+            )
             continue
         qa_list = toy_world.make_questions(scene, rng)
         # Prefer the OCR question on every other item so text reading is well represented.
         text_qa = [q for q in qa_list if q.kind == "text"]
         qa = text_qa[0] if text_qa and item % 2 == 0 else rng.choice(qa_list)
-        lines.append({"id": f"toy-{item:05d}", "image": name, "question": qa.question, "answer": qa.answer, "meta": {**base, "qa_kind": qa.kind}})
+        lines.append(
+            {
+                "id": f"toy-{item:05d}",
+                "image": name,
+                "question": qa.question,
+                "answer": qa.answer,
+                "meta": {**base, "qa_kind": qa.kind},
+            }
+        )
     path = out / "toy_vqa.jsonl"
     path.write_text("".join(json.dumps(line) + "\n" for line in lines), encoding="utf-8")
     return path
@@ -155,7 +183,9 @@ class ToyTeacher:
         meta = sample.get("meta")
         meta = json.loads(meta) if isinstance(meta, str) else (meta or {})
         if "qa_kind" not in meta:
-            raise ValueError(f"sample {sample.get('id')}: the toy teacher only handles toy-world items (no meta.qa_kind)")
+            raise ValueError(
+                f"sample {sample.get('id')}: the toy teacher only handles toy-world items (no meta.qa_kind)"
+            )
         return meta
 
     def _targets(self, sample: dict, meta: dict) -> list[dict]:
@@ -197,16 +227,22 @@ class ToyTeacher:
         n = len(history)
         if kind == "text":
             if n == 0:
-                return self._ask("The question asks for the word written in the image, so I will read the text.", ["ocr"], operators)
+                return self._ask(
+                    "The question asks for the word written in the image, so I will read the text.", ["ocr"], operators
+                )
             return self._final(self._text_thought(history, meta))
         if kind == "face":
             if n == 0:
-                return self._ask("The question is about people's faces, so I will run face detection.", ["face_detection"], operators)
+                return self._ask(
+                    "The question is about people's faces, so I will run face detection.", ["face_detection"], operators
+                )
             return self._final(self._face_thought(history))
         if kind == "knowledge":
             target = meta["target"]
             if n == 0:
-                return self._ask(f"First I locate the {target['color']} object in the image.", ["label_bbox"], operators)
+                return self._ask(
+                    f"First I locate the {target['color']} object in the image.", ["label_bbox"], operators
+                )
             if n == 1:
                 q = f"How many sides does a {target['kind']} have?"
                 thought = f"{self._box_phrase(history[-1], sample, meta)}The {target['color']} object is a {target['kind']}; how many sides that shape has is general knowledge I should look up."
@@ -216,7 +252,9 @@ class ToyTeacher:
             return self._final(self._rag_thought(history[-1], target["kind"]))
         # count, color, shape, position, exists: locate the shapes first
         if n == 0:
-            return self._ask("I will locate the shapes the question mentions with the object detector.", ["label_bbox"], operators)
+            return self._ask(
+                "I will locate the shapes the question mentions with the object detector.", ["label_bbox"], operators
+            )
         return self._final(self._shape_thought(history[-1], sample, meta))
 
     def _ask(self, thought: str, wanted: list[str], operators: list[str]) -> ReasoningStep:
@@ -257,7 +295,9 @@ class ToyTeacher:
         if result and result["ok"]:
             k = len(result["data"].get("boxes", []))
             return f"The face detector found {_NUMBER.get(k, str(k))} face{'s' if k != 1 else ''}, so there {'is' if k == 1 else 'are'} {k} in the image."
-        return "Face detection gave no result, but looking at the picture I can see the faces, and I count them directly."
+        return (
+            "Face detection gave no result, but looking at the picture I can see the faces, and I count them directly."
+        )
 
     def _box_phrase(self, step: dict, sample: dict, meta: dict) -> str:
         result = self._result(step, "label_bbox")
@@ -322,11 +362,16 @@ class ToyTeacher:
         if kind == "text":
             word = self._ocr_word(steps, meta)
             ok = word is not None and word.upper() == meta["text"].upper()
-            return ok, f"the OCR output ({word!r}) does not contain the word {meta['text']!r}, yet the reasoning states it"
+            return (
+                ok,
+                f"the OCR output ({word!r}) does not contain the word {meta['text']!r}, yet the reasoning states it",
+            )
         if kind == "face":
             result = self._result(steps[0], "face_detection") if steps else None
             found = len(result["data"].get("boxes", [])) if result and result["ok"] else None
-            return found == len(meta["faces"]), f"the face detector found {found} face(s), which does not establish the answer {sample['answer']}"
+            return found == len(
+                meta["faces"]
+            ), f"the face detector found {found} face(s), which does not establish the answer {sample['answer']}"
         if kind == "knowledge":
             rag = (steps[-2].get("rag_result") if len(steps) >= 2 else None) or {}
             hits = (rag.get("data") or {}).get("results") or []
@@ -338,7 +383,10 @@ class ToyTeacher:
         truth = [s["bbox"] for s in self._targets(sample, meta)]
         found = [b for boxes in result["data"].get("boxes", {}).values() for b in boxes]
         matched = sum(any(_iou(t, f) >= 0.5 for f in found) for t in truth)
-        return matched == len(truth), f"only {matched} of {len(truth)} relevant shapes overlap a detected box, yet the reasoning describes all of them"
+        return (
+            matched == len(truth),
+            f"only {matched} of {len(truth)} relevant shapes overlap a detected box, yet the reasoning describes all of them",
+        )
 
     def general_reflection(self, sample: dict, messages: list[dict]) -> dict:
         self._count()
@@ -371,12 +419,20 @@ class ToyTeacher:
             return {"reason": "The question needs no calculation.", "thought": None}
         if meta["qa_kind"] == "knowledge":
             k = meta["target"]["kind"]
-            return {"reason": "The final count of sides is stated without counting.", "thought": f"Walking around the {k} edge by edge and counting each straight side gives {SIDES[k]} in total."}
+            return {
+                "reason": "The final count of sides is stated without counting.",
+                "thought": f"Walking around the {k} edge by edge and counting each straight side gives {SIDES[k]} in total.",
+            }
         targets = self._targets(sample, meta)
         if len(targets) < 2:
             return {"reason": "Only one object is counted; nothing was skipped.", "thought": None}
-        tally = ", ".join(f"the {s['color']} {s['kind']} in the {self._position(s)} makes {i}" for i, s in enumerate(targets, 1))
-        return {"reason": "The total is given without counting the objects one by one.", "thought": f"Counting one at a time: {tally}. So there are {len(targets)} in total."}
+        tally = ", ".join(
+            f"the {s['color']} {s['kind']} in the {self._position(s)} makes {i}" for i, s in enumerate(targets, 1)
+        )
+        return {
+            "reason": "The total is given without counting the objects one by one.",
+            "thought": f"Counting one at a time: {tally}. So there are {len(targets)} in total.",
+        }
 
     def judge(self, sample: dict, messages: list[dict]) -> dict:
         self._count()
@@ -387,7 +443,3 @@ class ToyTeacher:
         score = round(min(1.0, 0.3 + 0.4 * ok_rate + (0.3 if supported else 0.0)), 1)
         reason = "Tool results support the answer." if supported else f"Weak grounding: {why}."
         return {"quality_score": score, "scoring_reason": reason}
-
-
-def question_prompt(sample: dict) -> str:
-    return with_style(sample["question"], sample.get("style"))

@@ -17,7 +17,15 @@ from .base import (
     ToolResult,
     canonical_operator_name,
 )
-from .retrieval import BM25Retriever, DenseRetriever, HashingEmbedder, TransformersEmbedder, WebSearchClient, load_corpus, render_snippets
+from .retrieval import (
+    BM25Retriever,
+    DenseRetriever,
+    HashingEmbedder,
+    TransformersEmbedder,
+    WebSearchClient,
+    load_corpus,
+    render_snippets,
+)
 from .runtime import ToolRuntime, build_runtime
 
 __all__ = [

@@ -47,7 +47,9 @@ class PipelineCaptioner(Operator):
             }
         ]
         out = self.pipe(
-            text=chat, return_full_text=False, generate_kwargs={"max_new_tokens": self.max_new_tokens, "do_sample": False}
+            text=chat,
+            return_full_text=False,
+            generate_kwargs={"max_new_tokens": self.max_new_tokens, "do_sample": False},
         )
         generated = out[0]["generated_text"]
         if isinstance(generated, list):  # some versions return the chat with the reply appended

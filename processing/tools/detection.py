@@ -77,5 +77,8 @@ class OpenVocabDetector(Operator):
                 min(max(b["xmax"] / width, 0.0), 1.0),
                 min(max(b["ymax"] / height, 0.0), 1.0),
             ]
-            boxes.setdefault(key, []).append(fmt_box(norm))
+            box = fmt_box(norm)
+            if box[2] <= box[0] or box[3] <= box[1]:
+                continue  # nothing of it lies inside the image
+            boxes.setdefault(key, []).append(box)
         return render_boxes(boxes), {"boxes": boxes, "labels": labels}

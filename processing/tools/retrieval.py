@@ -54,7 +54,9 @@ def load_corpus(source: str | os.PathLike | Iterable[dict]) -> list[dict]:
         if doc_id in seen:
             raise ValueError(f"corpus id {doc_id!r} appears more than once")
         seen.add(doc_id)
-        docs.append({"id": doc_id, "title": str(rec["title"]), "text": str(rec["text"]), "url": str(rec.get("url") or "")})
+        docs.append(
+            {"id": doc_id, "title": str(rec["title"]), "text": str(rec["text"]), "url": str(rec.get("url") or "")}
+        )
     return docs
 
 
@@ -77,7 +79,9 @@ class BM25Retriever:
         if not self.documents:
             raise ValueError("BM25Retriever needs at least one document")
         self._bm25s = bm25s
-        tokens = bm25s.tokenize([f"{d['title']} {d['text']}" for d in self.documents], stopwords="en", show_progress=False)
+        tokens = bm25s.tokenize(
+            [f"{d['title']} {d['text']}" for d in self.documents], stopwords="en", show_progress=False
+        )
         self._index = bm25s.BM25()
         self._index.index(tokens, show_progress=False)
 
@@ -183,7 +187,9 @@ class WebSearchClient:
         extra_params (`dict`, *optional*): fixed query parameters (engine, locale, ...).
     """
 
-    def __init__(self, url: str, api_key_env: str | None = None, timeout_s: float = 10.0, extra_params: dict | None = None):
+    def __init__(
+        self, url: str, api_key_env: str | None = None, timeout_s: float = 10.0, extra_params: dict | None = None
+    ):
         import httpx
 
         self._httpx = httpx

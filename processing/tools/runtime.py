@@ -93,7 +93,9 @@ class ToolRuntime:
         start = time.perf_counter()
         operator = self.operators.get(canon)
         if operator is None:
-            return ToolResult(canon, False, error=f"unknown or unavailable operator {name!r}; available: {self.available()}")
+            return ToolResult(
+                canon, False, error=f"unknown or unavailable operator {name!r}; available: {self.available()}"
+            )
         if image is None:
             return ToolResult(canon, False, error=f"operator {canon!r} needs an image and none was given")
         if operator.needs_query and not (query and query.strip()):
@@ -121,11 +123,19 @@ class ToolRuntime:
                 continue
             if hits:
                 elapsed = time.perf_counter() - start
-                return ToolResult(RAG, True, text=render_snippets(hits), data={"results": hits, "query": query}, elapsed_s=elapsed)
+                return ToolResult(
+                    RAG, True, text=render_snippets(hits), data={"results": hits, "query": query}, elapsed_s=elapsed
+                )
         elapsed = time.perf_counter() - start
         if errors and len(errors) == len(self.retrievers):
             return ToolResult(RAG, False, error="; ".join(errors), elapsed_s=elapsed)
-        return ToolResult(RAG, True, text=render_snippets([]), data={"results": [], "query": query, "errors": errors}, elapsed_s=elapsed)
+        return ToolResult(
+            RAG,
+            True,
+            text=render_snippets([]),
+            data={"results": [], "query": query, "errors": errors},
+            elapsed_s=elapsed,
+        )
 
 
 def build_runtime(

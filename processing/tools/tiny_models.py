@@ -34,9 +34,16 @@ _DEFAULT_TEXTS = [
 ]
 
 
-def build_tiny_owlvit(path: str | os.PathLike, image_size: int = 64) -> str:
-    """Save a random OWL-ViT detector with its processor to `path`; return the path."""
-    from transformers import CLIPTokenizer, OwlViTConfig, OwlViTForObjectDetection, OwlViTImageProcessorPil, OwlViTProcessor
+def build_tiny_owlvit(path: str | os.PathLike, image_size: int = 64, seed: int = 0) -> str:
+    """Save a random OWL-ViT detector with its processor to `path`; return the path (same seed, same weights)."""
+    import torch
+    from transformers import (
+        CLIPTokenizer,
+        OwlViTConfig,
+        OwlViTForObjectDetection,
+        OwlViTImageProcessorPil,
+        OwlViTProcessor,
+    )
     from transformers.convert_slow_tokenizer import bytes_to_unicode
 
     # A byte-level vocabulary with no merges: every word is split into bytes, which is all a random
@@ -49,15 +56,27 @@ def build_tiny_owlvit(path: str | os.PathLike, image_size: int = 64) -> str:
     tokenizer = CLIPTokenizer(vocab=vocab, merges=[])
     config = OwlViTConfig(
         text_config=dict(
-            vocab_size=len(vocab), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-            num_attention_heads=2, max_position_embeddings=32, bos_token_id=bos, eos_token_id=eos, pad_token_id=eos,
+            vocab_size=len(vocab),
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            max_position_embeddings=32,
+            bos_token_id=bos,
+            eos_token_id=eos,
+            pad_token_id=eos,
         ),
         vision_config=dict(
-            hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
-            image_size=image_size, patch_size=16,
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            image_size=image_size,
+            patch_size=16,
         ),
         projection_dim=32,
     )
+    torch.manual_seed(seed)
     model = OwlViTForObjectDetection(config).eval()
     size = {"height": image_size, "width": image_size}
     processor = OwlViTProcessor(image_processor=OwlViTImageProcessorPil(size=size, crop_size=size), tokenizer=tokenizer)
@@ -75,39 +94,67 @@ def train_tiny_tokenizer(texts: list[str] | None = None, vocab_size: int = 512):
     bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     bpe.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size, special_tokens=VLM_SPECIAL_TOKENS, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        vocab_size=vocab_size,
+        special_tokens=VLM_SPECIAL_TOKENS,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
     bpe.train_from_iterator((texts or []) + _DEFAULT_TEXTS, trainer)
     return PreTrainedTokenizerFast(
-        tokenizer_object=bpe, bos_token="<s>", eos_token="</s>", pad_token="<pad>", unk_token="<unk>",
-        extra_special_tokens={"image_token": "<image>"}, chat_template=VLM_CHAT_TEMPLATE,
+        tokenizer_object=bpe,
+        bos_token="<s>",
+        eos_token="</s>",
+        pad_token="<pad>",
+        unk_token="<unk>",
+        extra_special_tokens={"image_token": "<image>"},
+        chat_template=VLM_CHAT_TEMPLATE,
     )
 
 
-def build_tiny_vlm(path: str | os.PathLike, texts: list[str] | None = None, image_size: int = 32) -> str:
+def build_tiny_vlm(path: str | os.PathLike, texts: list[str] | None = None, image_size: int = 32, seed: int = 0) -> str:
     """Save a random Llava-style VLM (CLIP vision tower + Llama decoder) with its processor; return the path.
 
     Loads with `AutoModelForImageTextToText` / `AutoProcessor` and the `image-text-to-text` pipeline.
     """
-    from transformers import CLIPImageProcessorPil, CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration, LlavaProcessor
+    from transformers import (
+        CLIPImageProcessorPil,
+        CLIPVisionConfig,
+        LlamaConfig,
+        LlavaConfig,
+        LlavaForConditionalGeneration,
+        LlavaProcessor,
+    )
 
     tokenizer = train_tiny_tokenizer(texts)
     pad, bos, eos = (tokenizer.convert_tokens_to_ids(t) for t in ("<pad>", "<s>", "</s>"))
     config = LlavaConfig(
         vision_config=CLIPVisionConfig(
-            hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
-            image_size=image_size, patch_size=8,
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            image_size=image_size,
+            patch_size=8,
         ),
         text_config=LlamaConfig(
-            vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-            num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=2048,
-            bos_token_id=bos, eos_token_id=eos, pad_token_id=pad,
+            vocab_size=len(tokenizer),
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            num_key_value_heads=2,
+            max_position_embeddings=2048,
+            bos_token_id=bos,
+            eos_token_id=eos,
+            pad_token_id=pad,
         ),
         image_token_id=tokenizer.convert_tokens_to_ids("<image>"),
         vision_feature_layer=-1,
         projector_hidden_act="gelu",
     )
+    import torch
+
+    torch.manual_seed(seed)
     model = LlavaForConditionalGeneration(config).eval()
     model.generation_config.pad_token_id = pad
     model.generation_config.eos_token_id = eos

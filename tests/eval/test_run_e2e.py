@@ -83,7 +83,7 @@ def test_dynvqa_three_modes_resume_and_official_format(tiny_llava, dynvqa_setup,
     result = evaluate_run(cfg, model=model)
 
     assert set(result["modes"]) == {"direct", "agent", "golden"}
-    for mode, stats in result["modes"].items():
+    for stats in result["modes"].values():
         assert stats["n"] == 6 and stats["not_predicted"] == 0
         assert stats["images_missing"] == 1  # en5's image is not in the store; the run went on
         assert set(stats["official"]["by_lang"]) == {"en", "zh"}
@@ -124,12 +124,15 @@ def test_dynvqa_three_modes_resume_and_official_format(tiny_llava, dynvqa_setup,
     assert model.calls == [1]
     assert again["modes"]["direct"]["n"] == 6
     assert len(path.read_text(encoding="utf-8").splitlines()) == 6
+    with pytest.raises(ValueError, match="other settings"):
+        evaluate_run(RunConfig(**{**cfg.__dict__, "max_new_tokens": 9}), model=model)
 
 
 @pytest.mark.slow
 def test_text_only_model_cli_and_comparison(tiny_causal_lm, dynvqa_setup, tmp_path):
     out = tmp_path / "run-text"
-    result = main(["--model", tiny_causal_lm, "--data", dynvqa_setup["en"], "--out", str(out),
+    # A folder as --data: the release file for each of --langs is picked from it.
+    result = main(["--model", tiny_causal_lm, "--data", str(dynvqa_setup["root"]), "--langs", "en", "--out", str(out),
                    "--corpus", dynvqa_setup["corpus"], "--modes", "direct,golden", "--batch-size", "3",
                    "--max-new-tokens", "4", "--limit", "3", "--run-name", "tiny-text"])
     assert result["model_kind"] == "causal-lm"

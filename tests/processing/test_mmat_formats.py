@@ -20,7 +20,11 @@ from processing.mmat.steps import (
     parse_step,
 )
 
-SAMPLE = {"id": "s1", "question": "What does the sign say?", "style": "Answer the question using a single word or phrase."}
+SAMPLE = {
+    "id": "s1",
+    "question": "What does the sign say?",
+    "style": "Answer the question using a single word or phrase.",
+}
 PROMPT = "What does the sign say?\nAnswer the question using a single word or phrase."
 
 STEPS = [
@@ -35,12 +39,24 @@ STEPS = [
         ],
         "rag_result": {"name": "rag", "ok": True, "text": "1. Adedni: a town.", "error": None},
     },
-    {"thought": "The sign reads CALIFORNIA.", "operators": [], "rag": {"needed": False, "query": None}, "next_action": "final_answer", "results": [], "rag_result": None},
+    {
+        "thought": "The sign reads CALIFORNIA.",
+        "operators": [],
+        "rag": {"needed": False, "query": None},
+        "next_action": "final_answer",
+        "results": [],
+        "rag_result": None,
+    },
 ]
 
 
 def step_json(**overrides):
-    step = {"thought": "Read the text.", "operators": ["ocr"], "rag": {"needed": False, "query": None}, "next_action": "continue"}
+    step = {
+        "thought": "Read the text.",
+        "operators": ["ocr"],
+        "rag": {"needed": False, "query": None},
+        "next_action": "continue",
+    }
     step.update(overrides)
     return json.dumps(step)
 
@@ -61,7 +77,10 @@ def test_valid_step_and_canonical_names():
         ("", "empty"),
         ("The answer is 42", "not valid JSON"),
         ("[1, 2]", "must be a JSON object"),
-        (json.dumps({"thought": "x", "operators": [], "rag": {"needed": False, "query": None}}), r"misses field\(s\) \['next_action'\]"),
+        (
+            json.dumps({"thought": "x", "operators": [], "rag": {"needed": False, "query": None}}),
+            r"misses field\(s\) \['next_action'\]",
+        ),
         (step_json(answer="42"), r"unexpected field\(s\) \['answer'\]"),
         (step_json(thought="  "), "`thought` must be a non-empty string"),
         (step_json(operators="ocr"), "`operators` must be a list"),
@@ -89,8 +108,14 @@ def test_reflection_and_judge_parsing():
     with pytest.raises(MalformedReply, match="math reflection"):
         parse_math_reflection('{"reason": "r"}')
     assert parse_general_reflection("{}") == {}
-    assert parse_general_reflection('{"reason": "claims the OCR text"}') == {"reason": "claims the OCR text", "thought": None}
-    assert parse_judge('{"quality_score": 0.83, "scoring_reason": "ok"}') == {"quality_score": 0.8, "scoring_reason": "ok"}
+    assert parse_general_reflection('{"reason": "claims the OCR text"}') == {
+        "reason": "claims the OCR text",
+        "thought": None,
+    }
+    assert parse_judge('{"quality_score": 0.83, "scoring_reason": "ok"}') == {
+        "quality_score": 0.8,
+        "scoring_reason": "ok",
+    }
     with pytest.raises(MalformedReply, match=r"quality_score` must be a number in \[0, 1\]"):
         parse_judge('{"quality_score": 7}')
 
@@ -116,7 +141,10 @@ def test_rr_dialogue_exact_strings():
             "Please continue your reasoning.",
         },
         {"role": "assistant", "content": "<THOUGHT>The sign reads CALIFORNIA.</THOUGHT><SIGNAL>end</SIGNAL>"},
-        {"role": "user", "content": f"Based on the above information, please summarize and give the answer to the initial question: {PROMPT}"},
+        {
+            "role": "user",
+            "content": f"Based on the above information, please summarize and give the answer to the initial question: {PROMPT}",
+        },
         {"role": "assistant", "content": "california"},
     ]
     assert "<image>" not in json.dumps(to_trl_layout(messages))
@@ -127,9 +155,15 @@ def test_rr_reflection_turns_inserted_before_final_end():
     messages = render_rr(SAMPLE, STEPS, reflection, "35", system=False)
     contents = [m["content"] for m in messages]
     assert contents[3] == "<THOUGHT>The sign reads CALIFORNIA.</THOUGHT><SIGNAL>continue</SIGNAL>"
-    assert contents[4] == "No additional operator or rag results were selected in the previous step. Please continue your reasoning."
+    assert (
+        contents[4]
+        == "No additional operator or rag results were selected in the previous step. Please continue your reasoning."
+    )
     assert contents[5] == "<THOUGHT>Wait, let me show the arithmetic.</THOUGHT>\n<SIGNAL>reflection</SIGNAL>"
-    assert contents[6] == "No additional operator or rag results were selected in the previous step. Please make a reflection."
+    assert (
+        contents[6]
+        == "No additional operator or rag results were selected in the previous step. Please make a reflection."
+    )
     assert contents[7] == "<THOUGHT>30 + 5 = 35.</THOUGHT>\n<SIGNAL>end</SIGNAL>"
     assert contents[-1] == "35" and messages[0]["role"] == "user"
 
@@ -150,4 +184,7 @@ def test_orr_inlines_successful_operators_and_never_rag():
 
 
 def test_feedback_without_results():
-    assert render_feedback([]) == "No additional operator or rag results were selected in the previous step. Please continue your reasoning."
+    assert (
+        render_feedback([])
+        == "No additional operator or rag results were selected in the previous step. Please continue your reasoning."
+    )

@@ -19,14 +19,31 @@ from processing.mmat import MMATConfig, read_records, run_stage
 from processing.mmat.curate import CurateStage
 from processing.mmat.rationale import RationaleStage
 from processing.mmat.steps import MalformedReply
-from processing.mmat.teachers import Budget, BudgetExceeded, ChatTeacher, OpenAIChatClient, TeacherError, TransformersChatClient
+from processing.mmat.teachers import (
+    Budget,
+    BudgetExceeded,
+    ChatTeacher,
+    OpenAIChatClient,
+    TeacherError,
+    TransformersChatClient,
+)
 from processing.mmat.toy_teacher import make_toy_vqa
 from processing.tools import ToolRuntime
 from processing.tools.tiny_models import build_tiny_vlm
 
 SAMPLE = {"id": "x", "question": "What word is written?", "answer": "cat", "style": ""}
-GOOD_STEP = {"thought": "I should read the text.", "operators": ["ocr"], "rag": {"needed": False, "query": None}, "next_action": "continue"}
-FINAL_STEP = {"thought": "The text says CAT.", "operators": [], "rag": {"needed": False, "query": None}, "next_action": "final_answer"}
+GOOD_STEP = {
+    "thought": "I should read the text.",
+    "operators": ["ocr"],
+    "rag": {"needed": False, "query": None},
+    "next_action": "continue",
+}
+FINAL_STEP = {
+    "thought": "The text says CAT.",
+    "operators": [],
+    "rag": {"needed": False, "query": None},
+    "next_action": "final_answer",
+}
 
 
 class State:
@@ -50,7 +67,10 @@ def _reply(handler, status, body, headers=None):
 
 
 def _completion(text):
-    return {"choices": [{"message": {"role": "assistant", "content": text}}], "usage": {"prompt_tokens": 100, "completion_tokens": 20}}
+    return {
+        "choices": [{"message": {"role": "assistant", "content": text}}],
+        "usage": {"prompt_tokens": 100, "completion_tokens": 20},
+    }
 
 
 def make_handler(state: State):
@@ -208,8 +228,17 @@ class StubOCR:
 def test_rationale_stage_with_http_teacher_records_each_failure_kind(server, tmp_path):
     url, state = server
     source = make_toy_vqa(tmp_path / "toy", n_items=4, seed=3)
-    base = dict(inputs=[str(source)], progress=False, shard_size=2, teacher="openai", teacher_base_url=url,
-                teacher_backoff_s=0.01, teacher_max_retries=1, teacher_timeout_s=0.5, max_format_retries=1)
+    base = dict(
+        inputs=[str(source)],
+        progress=False,
+        shard_size=2,
+        teacher="openai",
+        teacher_base_url=url,
+        teacher_backoff_s=0.01,
+        teacher_max_retries=1,
+        teacher_timeout_s=0.5,
+        max_format_retries=1,
+    )
     results = {}
     for model in ("scripted", "malformed", "down", "hang"):
         config = MMATConfig(output_dir=str(tmp_path / model), teacher_model=model, **base)
@@ -228,8 +257,15 @@ def test_rationale_stage_with_http_teacher_records_each_failure_kind(server, tmp
 def test_budget_exhaustion_stops_run_and_resume_finishes(server, tmp_path):
     url, state = server
     source = make_toy_vqa(tmp_path / "toy", n_items=4, seed=3)
-    base = dict(inputs=[str(source)], output_dir=str(tmp_path / "out"), progress=False, shard_size=2,
-                teacher="openai", teacher_base_url=url, teacher_model="scripted")
+    base = dict(
+        inputs=[str(source)],
+        output_dir=str(tmp_path / "out"),
+        progress=False,
+        shard_size=2,
+        teacher="openai",
+        teacher_base_url=url,
+        teacher_model="scripted",
+    )
     run_stage(CurateStage(MMATConfig(**base)))
     first = run_stage(RationaleStage(MMATConfig(budget_requests=4, **base), runtime=ToolRuntime({"ocr": StubOCR()})))
     assert not first["complete"] and first["runs"][-1]["budget_exhausted"]
@@ -240,7 +276,9 @@ def test_budget_exhaustion_stops_run_and_resume_finishes(server, tmp_path):
 
 
 def test_local_transformers_teacher_runs_and_rejects_noise(tmp_path):
-    teacher = ChatTeacher(TransformersChatClient(build_tiny_vlm(tmp_path / "vlm"), max_new_tokens=8), max_format_retries=1)
+    teacher = ChatTeacher(
+        TransformersChatClient(build_tiny_vlm(tmp_path / "vlm"), max_new_tokens=8), max_format_retries=1
+    )
     with pytest.raises(MalformedReply):
         teacher.step(SAMPLE, IMAGE, [], ["ocr"])
     usage = teacher.usage()

@@ -26,6 +26,7 @@ from processing.tools import (
     canonical_operator_name,
     load_corpus,
 )
+from processing.tools.detection import OpenVocabDetector
 from processing.tools.face import HaarFaceDetector, render_faces
 from processing.tools.ocr import TesseractOCR, tesseract_available
 from processing.tools.tiny_models import build_tiny_owlvit, build_tiny_vlm
@@ -34,7 +35,12 @@ requires_tesseract = pytest.mark.skipif(not tesseract_available(), reason="needs
 FONT = "/usr/share/fonts/truetype/dejavu/DejaVuSans-Bold.ttf"
 
 CORPUS = [
-    {"id": "paris", "title": "Paris", "text": "Paris is the capital and largest city of France.", "url": "https://example.org/paris"},
+    {
+        "id": "paris",
+        "title": "Paris",
+        "text": "Paris is the capital and largest city of France.",
+        "url": "https://example.org/paris",
+    },
     {"id": "berlin", "title": "Berlin", "text": "Berlin is the capital of Germany, on the river Spree."},
     {"id": "tokyo", "title": "Tokyo", "text": "Tokyo is the capital of Japan and its most populous city."},
     {"id": "nile", "title": "Nile", "text": "The Nile is a major river flowing north through Egypt."},
@@ -55,7 +61,9 @@ def cartoon_face(side=120):
     for ex in (0.32, 0.68):
         d.ellipse([o + s * (ex - 0.09), o + s * 0.36, o + s * (ex + 0.09), o + s * 0.44], fill=(40, 30, 30))
         d.rectangle([o + s * (ex - 0.12), o + s * 0.27, o + s * (ex + 0.12), o + s * 0.30], fill=(60, 40, 30))
-    d.polygon([(o + s * 0.5, o + s * 0.45), (o + s * 0.44, o + s * 0.64), (o + s * 0.56, o + s * 0.64)], fill=(190, 140, 110))
+    d.polygon(
+        [(o + s * 0.5, o + s * 0.45), (o + s * 0.44, o + s * 0.64), (o + s * 0.56, o + s * 0.64)], fill=(190, 140, 110)
+    )
     d.ellipse([o + s * 0.36, o + s * 0.72, o + s * 0.64, o + s * 0.80], fill=(150, 60, 60))
     return image.filter(ImageFilter.GaussianBlur(1))
 
@@ -107,7 +115,8 @@ def test_face_rendering_forms():
 
 
 def test_label_bbox_renders_normalised_boxes_in_released_form(tiny_owlvit):
-    rt = build_runtime(ocr=False, face=False, detector_path=tiny_owlvit)
+    # threshold 0: a random detector's scores are tiny, and this test is about the rendered form.
+    rt = ToolRuntime({"label_bbox": OpenVocabDetector(tiny_owlvit, threshold=0.0)})
     result = rt.call("label_bbox", text_image(), query="closest car, road_lane")
     assert result.ok, result.error
     parsed = ast.literal_eval(result.text)  # a Python-dict string, as in Fig. 14
@@ -116,6 +125,7 @@ def test_label_bbox_renders_normalised_boxes_in_released_form(tiny_owlvit):
         assert 1 <= len(boxes) <= 3
         for box in boxes:
             assert len(box) == 4 and all(0.0 <= v <= 1.0 and round(v, 2) == v for v in box)
+            assert box[0] < box[2] and box[1] < box[3]
     assert result.data["labels"] == ["closest car", "road_lane"]
 
 
@@ -231,7 +241,12 @@ class _SearchHandler(http.server.BaseHTTPRequestHandler):
         if query == "serp":
             body = {"organic_results": [{"title": "S", "snippet": "serp snippet", "link": "https://s.example"}]}
         else:
-            body = {"results": [{"title": f"Hit {i} for {query}", "text": f"snippet {i}", "url": f"https://r{i}.example"} for i in range(5)][:num]}
+            body = {
+                "results": [
+                    {"title": f"Hit {i} for {query}", "text": f"snippet {i}", "url": f"https://r{i}.example"}
+                    for i in range(5)
+                ][:num]
+            }
         payload = json.dumps(body).encode()
         self.send_response(200)
         self.send_header("Content-Type", "application/json")

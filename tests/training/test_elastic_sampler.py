@@ -82,8 +82,10 @@ def test_plan_depends_only_on_seed_step_micro_step_and_rank():
 def test_disabled_sampler_and_shapes_without_room_to_shrink():
     groups = ElasticSampler(config(), enabled=False).plan(8, 0)
     assert len(groups) == 1 and groups[0].is_full and groups[0].rows == list(range(8))
-    # 2 layers, 2 experts, top-1: no axis can be reduced, so every sample is full
-    tiny = Ernie5Config.from_preset("tiny", num_hidden_layers=2, num_experts=2, num_experts_per_tok=1)
+    # 2 layers (both protected), 2 experts at top-2 (min subset = top-k), min top-k = top-k: nothing can shrink
+    tiny = Ernie5Config.from_preset(
+        "tiny", num_hidden_layers=2, num_experts=2, num_experts_per_tok=2, elastic_min_top_k=2
+    )
     assert all(g.is_full for step in range(10) for g in ElasticSampler(tiny, anchor_full=False).plan(8, step))
     assert SampleDraw(top_k=1).kinds == ("sparsity",) and SampleDraw().kinds == ("full",)
     assert SampleDraw(depth_reduced=True, width_reduced=True).kinds == ("depth", "width")

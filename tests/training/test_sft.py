@@ -45,10 +45,25 @@ def assistant_text(messages):
 
 def test_rr_lora_loss_on_assistant_turns_only(mmat_run, tiny_vlm, tmp_path):
     script_args, training_args = parse(
-        ["--model_name_or_path", tiny_vlm, "--dataset_path", str(mmat_run), "--data_format", "rr", "--use_peft", "true",
-         "--output_dir", str(tmp_path / "rr"), "--max_steps", "1", *CPU]
+        [
+            "--model_name_or_path",
+            tiny_vlm,
+            "--dataset_path",
+            str(mmat_run),
+            "--data_format",
+            "rr",
+            "--use_peft",
+            "true",
+            "--output_dir",
+            str(tmp_path / "rr"),
+            "--max_steps",
+            "1",
+            *CPU,
+        ]
     )
-    assert training_args.learning_rate == 4e-5 and training_args.weight_decay == 0.1 and training_args.assistant_only_loss
+    assert (
+        training_args.learning_rate == 4e-5 and training_args.weight_decay == 0.1 and training_args.assistant_only_loss
+    )
     trainer = build_trainer(script_args, training_args)
     example = trainer.train_dataset[0]
     batch = trainer.data_collator([dict(example)])
@@ -67,8 +82,19 @@ def test_rr_lora_loss_on_assistant_turns_only(mmat_run, tiny_vlm, tmp_path):
 def test_orr_full_finetune_from_released_jsonl(mmat_run, tiny_vlm, tmp_path):
     released = mmat_run / "integrate" / "orr.jsonl"
     script_args, training_args = parse(
-        ["--model_name_or_path", tiny_vlm, "--dataset_path", str(released), "--output_dir", str(tmp_path / "orr"),
-         "--max_steps", "1", "--learning_rate", "1e-2", *CPU]
+        [
+            "--model_name_or_path",
+            tiny_vlm,
+            "--dataset_path",
+            str(released),
+            "--output_dir",
+            str(tmp_path / "orr"),
+            "--max_steps",
+            "1",
+            "--learning_rate",
+            "1e-2",
+            *CPU,
+        ]
     )
     before = {n: p.detach().clone() for n, p in build_trainer(script_args, training_args).model.named_parameters()}
     metrics = main(script_args, training_args)
@@ -84,17 +110,39 @@ def test_ernie5_text_only_sft_with_lora_on_expert_weights(mmat_run, tmp_path):
 
     tokenizer = train_tiny_tokenizer()
     model = Ernie5ForCausalLM(
-        Ernie5Config.from_preset("tiny", vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id,
-                                 bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id)
+        Ernie5Config.from_preset(
+            "tiny",
+            vocab_size=len(tokenizer),
+            pad_token_id=tokenizer.pad_token_id,
+            bos_token_id=tokenizer.bos_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+        )
     )
     path = tmp_path / "ernie5"
     model.save_pretrained(path)
     tokenizer.save_pretrained(path)
     script_args, training_args = parse(
-        ["--model_name_or_path", str(path), "--dataset_path", str(mmat_run), "--text_only", "true", "--use_peft", "true",
-         "--lora_target_modules", "q_proj", "v_proj",
-         "--lora_target_parameters", "mlp.experts.gate_up_proj", "mlp.experts.down_proj",
-         "--output_dir", str(tmp_path / "out"), "--max_steps", "1", *CPU]
+        [
+            "--model_name_or_path",
+            str(path),
+            "--dataset_path",
+            str(mmat_run),
+            "--text_only",
+            "true",
+            "--use_peft",
+            "true",
+            "--lora_target_modules",
+            "q_proj",
+            "v_proj",
+            "--lora_target_parameters",
+            "mlp.experts.gate_up_proj",
+            "mlp.experts.down_proj",
+            "--output_dir",
+            str(tmp_path / "out"),
+            "--max_steps",
+            "1",
+            *CPU,
+        ]
     )
     trainer = build_trainer(script_args, training_args)
     names = [n for n, p in trainer.model.named_parameters() if p.requires_grad]
@@ -113,11 +161,24 @@ def write_jsonl(path, records):
 
 
 def test_released_loader_maps_both_spellings(tmp_path):
-    path = write_jsonl(tmp_path / "dataset_qa_rr_val_all_RR_sys.jsonl", [
-        {"id": 7, "messages": [{"role": "system", "content": "sys"}, {"role": "user", "content": "<image>Q? Please start your reasoning."},
-                               {"role": "assistant", "content": "<THOUGHT>t</THOUGHT><SIGNAL>end</SIGNAL>"}], "images": ["coco/1.jpg"]},
-        {"conversations": [{"from": "human", "value": "<image>Q2"}, {"from": "gpt", "value": "A2"}], "image": "coco/2.jpg"},
-    ])
+    path = write_jsonl(
+        tmp_path / "dataset_qa_rr_val_all_RR_sys.jsonl",
+        [
+            {
+                "id": 7,
+                "messages": [
+                    {"role": "system", "content": "sys"},
+                    {"role": "user", "content": "<image>Q? Please start your reasoning."},
+                    {"role": "assistant", "content": "<THOUGHT>t</THOUGHT><SIGNAL>end</SIGNAL>"},
+                ],
+                "images": ["coco/1.jpg"],
+            },
+            {
+                "conversations": [{"from": "human", "value": "<image>Q2"}, {"from": "gpt", "value": "A2"}],
+                "image": "coco/2.jpg",
+            },
+        ],
+    )
     ds = load_mmat1m_jsonl(path, image_root=tmp_path)
     assert ds[0]["id"] == "7" and ds[0]["messages"][1]["content"] == "Q? Please start your reasoning."
     assert ds[0]["images"] == [str(tmp_path / "coco/1.jpg")]
@@ -129,11 +190,20 @@ def test_released_loader_maps_both_spellings(tmp_path):
 @pytest.mark.parametrize(
     "record, message",
     [
-        ({"messages": [{"role": "user", "content": "hi"}], "images": [], "source": "x"}, r"unknown field\(s\) \['source'\]"),
+        (
+            {"messages": [{"role": "user", "content": "hi"}], "images": [], "source": "x"},
+            r"unknown field\(s\) \['source'\]",
+        ),
         ({"messages": [{"role": "user", "content": "hi", "loss": 0}]}, r"message 0 has unknown field\(s\) \['loss'\]"),
         ({"messages": [{"role": "robot", "content": "hi"}]}, "unknown role 'robot'"),
-        ({"messages": [{"role": "user", "content": "<image><image>hi"}], "images": ["a.jpg"]}, "2 <image> tags but 1 images"),
-        ({"messages": [{"role": "user", "content": "<image>hi"}], "images": ["../../etc/passwd"]}, "leaves the image root"),
+        (
+            {"messages": [{"role": "user", "content": "<image><image>hi"}], "images": ["a.jpg"]},
+            "2 <image> tags but 1 images",
+        ),
+        (
+            {"messages": [{"role": "user", "content": "<image>hi"}], "images": ["../../etc/passwd"]},
+            "leaves the image root",
+        ),
     ],
 )
 def test_released_loader_fails_loudly(tmp_path, record, message):

@@ -1,0 +1,382 @@
+"""GPU check of the Triton experts kernels, in one go (issue 3, item 4): correctness first, then bf16 throughput.
+
+1. Correctness, with TF32 off: every Triton launcher (`grouped_gemm` plain / gathered / transposed-B / fused
+   SwiGLU, `grouped_gemm_tn` with either side gathered, `swiglu_backward`, `unpermute_sum`) against a plain
+   PyTorch computation, then the whole back-end (output and the gradients of x, gate_up, down and the combine
+   weights) against the reference loop in fp32 and bf16, over odd widths, skewed loads with empty experts,
+   k = E and sentinel slots.
+2. Throughput in bf16 at sizes that fill an H100/H200, experts only, every candidate given the same routing:
+   ernie5 `triton`, ernie5 `cpu` (sorted PyTorch path, which runs on CUDA through `F.grouped_mm`),
+   transformers' `grouped_mm`, `batched_mm` and `eager` on a `Qwen3MoeExperts` holding the same weights, and
+   bare `torch.nn.functional.grouped_mm` on pre-sorted rows (the two GEMMs plus SwiGLU, autograd for backward).
+   Forward and forward+backward (dense upstream gradient), CUDA-event timing, median of `--iters`.
+   Reports TFLOP/s of active expert FLOPs (6·T·k·d·f / 18·T·k·d·f), the fraction of a measured dense bf16
+   matmul rate on this GPU, and the speed-of-light fraction max(FLOPs/dense rate, bytes/bandwidth) / time with
+   the bandwidth measured by a device copy (research note moe_kernels.md §5).
+
+Usage (CUDA machine, `pip install 'ernie5[triton]'`):
+    python benchmarks/gpu_moe.py                  # everything, writes benchmarks/results/gpu_moe.json
+    python benchmarks/gpu_moe.py --quick          # fewer shapes and iterations
+    TRITON_INTERPRET=1 python benchmarks/gpu_moe.py --smoke   # tiny sizes on CPU: checks the script itself
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import modeling_ernie5  # noqa: E402,F401
+from modeling_ernie5.kernels.cpu import sorted_experts_forward  # noqa: E402
+from modeling_ernie5.kernels.routing import group_by_expert  # noqa: E402
+from modeling_ernie5.kernels.triton import triton_experts_forward  # noqa: E402
+from modeling_ernie5.moe import reference_experts_forward  # noqa: E402
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+# name: (hidden, inter, experts, top_k, token counts)
+SHAPES = {
+    "qwen3-30b-a3b": (2048, 768, 128, 8, [512, 4096, 16384]),
+    "ernie4.5-21b-a3b": (2560, 1536, 64, 6, [512, 4096, 16384]),
+    "issue3-target": (512, 256, 64, 8, [4096, 32768]),
+}
+QUICK_SHAPES = {"qwen3-30b-a3b": (2048, 768, 128, 8, [4096, 16384]), "ernie4.5-21b-a3b": (2560, 1536, 64, 6, [16384])}
+SMOKE_SHAPES = {"smoke": (32, 16, 4, 2, [24])}
+
+
+# ------------------------------------------------------------------------------------------------ inputs
+
+
+def make_inputs(tokens, hidden, inter, experts, top_k, dtype, device, routing="uniform", seed=0):
+    gen = torch.Generator(device="cpu").manual_seed(seed)
+    x = torch.randn(tokens, hidden, generator=gen)
+    gate_up = torch.randn(experts, hidden, 2 * inter, generator=gen) / hidden**0.5
+    down = torch.randn(experts, inter, hidden, generator=gen) / inter**0.5
+    scores = torch.rand(tokens, experts, generator=gen)
+    if routing == "skewed":
+        scores[:, :2] += 10.0 * (torch.rand(tokens, 1, generator=gen) < 0.9)
+        scores[:, experts // 2 :] -= 100.0
+    idx = scores.topk(top_k, dim=-1).indices
+    w = torch.rand(tokens, top_k, generator=gen) + 0.1
+    if routing == "sentinel":
+        k_tok = torch.randint(0, top_k + 1, (tokens,), generator=gen)
+        empty = torch.arange(top_k)[None, :] >= k_tok[:, None]
+        idx, w = idx.masked_fill(empty, experts), w.masked_fill(empty, 0.0)
+    w = w / w.sum(-1, keepdim=True).clamp(min=1e-12)
+    upstream = torch.randn(tokens, hidden, generator=gen)
+    cast = lambda t: t.to(device=device, dtype=dtype)  # noqa: E731
+    return cast(x), cast(gate_up), cast(down), idx.to(device), cast(w), cast(upstream)
+
+
+def rel_err(a, b) -> float:
+    if a.numel() == 0:
+        return 0.0
+    return ((a.double() - b.double()).abs().max() / b.double().abs().max().clamp(min=1e-30)).item()
+
+
+# ------------------------------------------------------------------------------------------- correctness
+
+
+def check_launchers(device) -> dict:
+    """Each launcher of ops.py against plain PyTorch on the same sorted layout (fp32, TF32 off)."""
+    from modeling_ernie5.kernels.triton import ops
+
+    out = {}
+    tokens, hidden, inter, experts, top_k = 45, 100, 60, 6, 3
+    x, gate_up, down, idx, w, dy = make_inputs(tokens, hidden, inter, experts, top_k, torch.float32, device, "skewed")
+    groups = group_by_expert(idx, experts)
+    rows, tok = groups.num_valid, groups.valid_token
+    bm = ops.pick_block_m(rows, experts)
+    layout = (*ops.block_layout(groups.counts_E, groups.offsets_E, bm), bm)
+    bounds = list(zip((groups.offsets_E - groups.counts_E).tolist(), groups.offsets_E.tolist()))
+
+    def per_expert(a_rows, b_E):
+        return torch.cat([a_rows[s:e] @ b_E[i] for i, (s, e) in enumerate(bounds)])
+
+    x_S = x[tok]
+    c, _ = ops.grouped_gemm(x, gate_up, layout, rows, gather=tok)
+    out["grouped_gemm(gather)"] = rel_err(c, per_expert(x_S, gate_up))
+    c, _ = ops.grouped_gemm(x_S.contiguous(), gate_up, layout, rows)
+    out["grouped_gemm(plain)"] = rel_err(c, per_expert(x_S, gate_up))
+    g_SD = torch.randn(rows, hidden, device=device)
+    c, _ = ops.grouped_gemm(g_SD, gate_up.transpose(1, 2), layout, rows)
+    out["grouped_gemm(transposed B)"] = rel_err(c, per_expert(g_SD, gate_up.transpose(1, 2)))
+    w_S = w.reshape(-1)[groups.valid_order].contiguous()
+    a, h = ops.grouped_gemm(x, gate_up, layout, rows, gather=tok, swiglu=True, w_S=w_S, store_h=True)
+    h_ref = per_expert(x_S, gate_up)
+    out["grouped_gemm(swiglu h)"] = rel_err(h, h_ref)
+    out["grouped_gemm(swiglu act*w)"] = rel_err(a, F.silu(h_ref[:, :inter]) * h_ref[:, inter:] * w_S[:, None])
+    dW = ops.grouped_gemm_tn(x, h_ref, groups.counts_E, groups.offsets_E, torch.float32, a_gather=tok)
+    dW_ref = torch.stack([x_S[s:e].t() @ h_ref[s:e] for s, e in bounds])
+    out["grouped_gemm_tn(a_gather)"] = rel_err(dW, dW_ref)
+    dW = ops.grouped_gemm_tn(a, dy, groups.counts_E, groups.offsets_E, torch.float32, b_gather=tok)
+    dy_S = dy[tok]
+    out["grouped_gemm_tn(b_gather)"] = rel_err(dW, torch.stack([a[s:e].t() @ dy_S[s:e] for s, e in bounds]))
+    g_SF = torch.randn(rows, inter, device=device)
+    dh, aw, dw = ops.swiglu_backward(g_SF, h_ref.contiguous(), w_S)
+    gate, up = h_ref[:, :inter], h_ref[:, inter:]
+    sig = torch.sigmoid(gate)
+    out["swiglu_backward(dh)"] = rel_err(
+        dh, torch.cat([g_SF * w_S[:, None] * up * sig * (1 + gate * (1 - sig)), g_SF * w_S[:, None] * gate * sig], 1)
+    )
+    out["swiglu_backward(aw)"] = rel_err(aw, F.silu(gate) * up * w_S[:, None])
+    out["swiglu_backward(dw)"] = rel_err(dw, (g_SF * F.silu(gate) * up).sum(-1))
+    pos = torch.full((tokens * top_k,), -1, dtype=torch.long, device=device)
+    pos[groups.valid_order] = torch.arange(rows, device=device)
+    y = torch.randn(rows, hidden, device=device)
+    got = ops.unpermute_sum(y, pos.view(tokens, top_k), torch.float32)
+    want = torch.zeros(tokens, hidden, device=device).index_add_(0, tok, y)
+    out["unpermute_sum"] = rel_err(got, want)
+    return out
+
+
+def check_backend(device) -> dict:
+    """The whole Triton back-end vs the reference: output and every gradient."""
+    out = {}
+    cases = [
+        ("odd-sentinel", (37, 100, 60, 8, 3), "sentinel"),
+        ("skewed-empty", (64, 128, 64, 8, 2), "skewed"),
+        ("k=E", (16, 64, 32, 4, 4), "uniform"),
+        ("larger", (512, 256, 128, 16, 4), "uniform"),
+    ]
+    for name, sizes, routing in cases:
+        for dtype in (torch.float32, torch.bfloat16):
+            x, gu, dn, idx, w, dy = make_inputs(*sizes, torch.float32, device, routing, seed=len(name))
+            ref_leaves = [t.clone().requires_grad_() for t in (x, gu, dn, w)]
+            ref_out = reference_experts_forward(ref_leaves[0], ref_leaves[1], ref_leaves[2], idx, ref_leaves[3])
+            ref = [ref_out, *torch.autograd.grad(ref_out, ref_leaves, dy)]
+            leaves = [t.to(dtype).clone().requires_grad_() for t in (x, gu, dn, w)]
+            got_out = triton_experts_forward(leaves[0], leaves[1], leaves[2], idx, leaves[3])
+            got = [got_out, *torch.autograd.grad(got_out, leaves, dy.to(dtype))]
+            errs = {k: rel_err(g, r) for k, g, r in zip(("out", "dx", "dgate_up", "ddown", "dw"), got, ref)}
+            out[f"{name}/{str(dtype).replace('torch.', '')}"] = errs
+    return out
+
+
+# ---------------------------------------------------------------------------------------------- timing
+
+
+def timer(device):
+    if device.type == "cuda":
+        def run(fn, iters, warmup):
+            for _ in range(warmup):
+                fn()
+            torch.cuda.synchronize()
+            times = []
+            for _ in range(iters):
+                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                start.record()
+                fn()
+                end.record()
+                torch.cuda.synchronize()
+                times.append(start.elapsed_time(end) / 1e3)
+            return statistics.median(times)
+    else:
+        def run(fn, iters, warmup):
+            for _ in range(warmup):
+                fn()
+            times = []
+            for _ in range(iters):
+                t0 = time.perf_counter()
+                fn()
+                times.append(time.perf_counter() - t0)
+            return statistics.median(times)
+    return run
+
+
+def dense_rate(device, dtype, measure, smoke) -> float:
+    """Dense matmul FLOP/s of this device in `dtype` (best of a few square-ish sizes)."""
+    sizes = [(64, 64, 64)] if smoke else [(8192, 8192, 8192), (16384, 4096, 4096), (4096, 8192, 2048)]
+    best = 0.0
+    for m, n, k in sizes:
+        a = torch.randn(m, k, device=device, dtype=dtype)
+        b = torch.randn(k, n, device=device, dtype=dtype)
+        t = measure(lambda: a @ b, 3 if smoke else 20, 1 if smoke else 5)
+        best = max(best, 2 * m * n * k / t)
+    return best
+
+
+def copy_bandwidth(device, measure, smoke) -> float:
+    n = 2**16 if smoke else 2**28  # 1 GiB of fp32 on a GPU
+    src = torch.empty(n, device=device)
+    dst = torch.empty_like(src)
+    t = measure(lambda: dst.copy_(src), 3 if smoke else 20, 1 if smoke else 5)
+    return 2 * n * 4 / t
+
+
+def hf_experts(impl, gate_up, down):
+    """transformers' Qwen3-MoE experts module (native (E, out, in) layout) holding our weights."""
+    from transformers import Qwen3MoeConfig
+    from transformers.models.qwen3_moe.modeling_qwen3_moe import Qwen3MoeExperts
+
+    experts, hidden, two_f = gate_up.shape
+    cfg = Qwen3MoeConfig(hidden_size=hidden, moe_intermediate_size=two_f // 2, num_experts=experts)
+    cfg._experts_implementation = impl
+    module = Qwen3MoeExperts(cfg).to(device=gate_up.device, dtype=gate_up.dtype)
+    with torch.no_grad():
+        module.gate_up_proj.copy_(gate_up.transpose(1, 2))
+        module.down_proj.copy_(down.transpose(1, 2))
+    return module
+
+
+def bare_grouped_mm(x, gate_up, down, idx, w):
+    """The floor of a PyTorch implementation: sort, two `F.grouped_mm`s with SwiGLU, weighted scatter-add."""
+    groups = group_by_expert(idx, gate_up.shape[0])
+    offs = groups.offsets_E.to(torch.int32)
+    tok = groups.valid_token
+    h = F.grouped_mm(x[tok], gate_up, offs=offs)
+    inter = h.shape[1] // 2
+    a = F.silu(h[:, :inter]) * h[:, inter:]
+    y = F.grouped_mm(a, down, offs=offs) * w.reshape(-1)[groups.valid_order, None]
+    return torch.zeros_like(x).index_add(0, tok, y)
+
+
+def bench_shape(name, hidden, inter, experts, top_k, tokens, device, measure, iters, warmup, dense, bandwidth):
+    dtype = torch.bfloat16
+    x, gu, dn, idx, w, dy = make_inputs(tokens, hidden, inter, experts, top_k, dtype, device)
+    flops_f = 6 * tokens * top_k * hidden * inter
+    active = int(torch.unique(idx[idx < experts]).numel())
+    bytes_f = 3 * active * hidden * inter * 2 + 2 * tokens * hidden * 2 + tokens * top_k * 8
+    bytes_fb = 2 * bytes_f + 3 * active * hidden * inter * 4 + 3 * tokens * hidden * 2
+    fns = {
+        "ernie5:triton": lambda a, b, c: triton_experts_forward(a, b, c, idx, w),
+        "ernie5:cpu(sorted+grouped_mm)": lambda a, b, c: sorted_experts_forward(a, b, c, idx, w),
+        "torch:F.grouped_mm(bare)": lambda a, b, c: bare_grouped_mm(a, b, c, idx, w),
+    }
+    modules = {}
+    for impl in ("grouped_mm", "batched_mm", "eager"):
+        copies = tokens * top_k * 3 * hidden * inter * 2
+        if impl == "batched_mm" and copies > 8 * 2**30:
+            continue
+        if impl == "eager" and tokens > 4096:
+            continue
+        modules[f"hf:{impl}"] = hf_experts(impl, gu, dn)
+    rows = {}
+    for cand, fn in list(fns.items()) + [(k, None) for k in modules]:
+        if fn is None:
+            mod = modules[cand]
+            params = [mod.gate_up_proj, mod.down_proj]
+            fwd = lambda xx, m=mod: m(xx, idx, w)  # noqa: E731
+        else:
+            params = [gu.clone().requires_grad_(), dn.clone().requires_grad_()]
+            fwd = lambda xx, f=fn, p=params: f(xx, p[0], p[1])  # noqa: E731
+        xg = x.clone().requires_grad_()
+
+        def run_fwd():
+            with torch.no_grad():
+                fwd(x)
+
+        def run_fwd_bwd():
+            for p in params:
+                p.grad = None
+            xg.grad = None
+            fwd(xg).backward(dy)
+
+        try:
+            tf = measure(run_fwd, iters, warmup)
+            tb = measure(run_fwd_bwd, iters, warmup)
+        except Exception as exc:  # a back-end that cannot run this shape is recorded, not fatal
+            rows[cand] = {"error": f"{type(exc).__name__}: {exc}"[:300]}
+            continue
+        rows[cand] = {
+            "fwd_ms": tf * 1e3,
+            "fwd_tflops": flops_f / tf / 1e12,
+            "fwd_fraction_of_dense": flops_f / tf / dense,
+            "fwd_sol": max(flops_f / dense, bytes_f / bandwidth) / tf,
+            "fwd_bwd_ms": tb * 1e3,
+            "fwd_bwd_tflops": 3 * flops_f / tb / 1e12,
+            "fwd_bwd_fraction_of_dense": 3 * flops_f / tb / dense,
+            "fwd_bwd_sol": max(3 * flops_f / dense, bytes_fb / bandwidth) / tb,
+        }
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    hf = [r for k, r in rows.items() if k.startswith("hf:") and "error" not in r]
+    for r in rows.values():
+        if "error" in r or not hf:
+            continue
+        r["fwd_vs_hf_best"] = min(h["fwd_ms"] for h in hf) / r["fwd_ms"]
+        r["fwd_bwd_vs_hf_best"] = min(h["fwd_bwd_ms"] for h in hf) / r["fwd_bwd_ms"]
+    return {"shape": name, "hidden": hidden, "inter": inter, "experts": experts, "top_k": top_k, "tokens": tokens,
+            "tokens_per_expert": tokens * top_k / experts, "results": rows}
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--smoke", action="store_true", help="tiny sizes; runs on CPU under TRITON_INTERPRET=1")
+    parser.add_argument("--iters", type=int, default=None)
+    parser.add_argument("--out", type=Path, default=RESULTS / "gpu_moe.json")
+    args = parser.parse_args(argv)
+    if torch.cuda.is_available():
+        device = torch.device("cuda")
+        torch.backends.cuda.matmul.allow_tf32 = False  # correctness pass compares against IEEE fp32
+        torch.backends.cudnn.allow_tf32 = False
+    elif args.smoke and os.environ.get("TRITON_INTERPRET") == "1":
+        device = torch.device("cpu")
+    else:
+        print("no CUDA device: run on a GPU machine, or use --smoke with TRITON_INTERPRET=1")
+        return 2
+    import triton
+
+    report = {
+        "benchmark": "gpu_moe",
+        "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu (triton interpreter)",
+        "versions": {"torch": torch.__version__, "triton": triton.__version__,
+                     "transformers": __import__("transformers").__version__, "python": platform.python_version()},
+    }
+    print(f"device: {report['device']}  versions: {report['versions']}")
+    report["launchers"] = check_launchers(device)
+    report["backend"] = check_backend(device)
+    failures = [k for k, v in report["launchers"].items() if v > 1e-4]
+    for case, errs in report["backend"].items():
+        limit = 1e-4 if case.endswith("float32") else 4e-2
+        failures += [f"{case}:{k}" for k, v in errs.items() if v > limit]
+    print("launchers:", json.dumps(report["launchers"], indent=1))
+    print("backend:", json.dumps(report["backend"], indent=1))
+    report["correctness_failures"] = failures
+    print("correctness:", "OK" if not failures else f"FAILED {failures}")
+
+    measure = timer(device)
+    dense = dense_rate(device, torch.bfloat16, measure, args.smoke)
+    bandwidth = copy_bandwidth(device, measure, args.smoke)
+    report["dense_bf16_tflops"] = dense / 1e12
+    report["copy_bandwidth_gbs"] = bandwidth / 1e9
+    print(f"dense bf16 matmul: {dense / 1e12:.1f} TFLOP/s, copy bandwidth {bandwidth / 1e9:.0f} GB/s")
+    shapes = SMOKE_SHAPES if args.smoke else QUICK_SHAPES if args.quick else SHAPES
+    iters = args.iters or (2 if args.smoke else 10 if args.quick else 25)
+    warmup = 1 if args.smoke else 3
+    report["points"] = []
+    for name, (hidden, inter, experts, top_k, token_list) in shapes.items():
+        for tokens in token_list:
+            point = bench_shape(name, hidden, inter, experts, top_k, tokens, device, measure, iters, warmup, dense, bandwidth)
+            report["points"].append(point)
+            print(f"\n== {name} T={tokens} ({point['tokens_per_expert']:.0f} tokens/expert), bf16")
+            print(f"{'impl':<30}{'fwd ms':>9}{'TF/s':>8}{'%dense':>8}{'xHF':>6}{'f+b ms':>10}{'TF/s':>8}{'%dense':>8}{'xHF':>6}{'SOL':>6}")
+            for cand, r in point["results"].items():
+                if "error" in r:
+                    print(f"{cand:<30} error: {r['error'][:80]}")
+                    continue
+                print(f"{cand:<30}{r['fwd_ms']:>9.3f}{r['fwd_tflops']:>8.1f}{100 * r['fwd_fraction_of_dense']:>7.0f}%"
+                      f"{r.get('fwd_vs_hf_best', float('nan')):>6.2f}{r['fwd_bwd_ms']:>10.3f}{r['fwd_bwd_tflops']:>8.1f}"
+                      f"{100 * r['fwd_bwd_fraction_of_dense']:>7.0f}%{r.get('fwd_bwd_vs_hf_best', float('nan')):>6.2f}"
+                      f"{r['fwd_bwd_sol']:>6.2f}")
+            args.out.parent.mkdir(parents=True, exist_ok=True)
+            args.out.write_text(json.dumps(report, indent=1))  # keep finished points if a later one crashes
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(report, indent=1))
+    print(f"\nwrote {args.out}")
+    return 1 if failures else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

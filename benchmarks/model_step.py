@@ -1,0 +1,231 @@
+"""Whole-model benchmark: a small ernie5 model against transformers' Qwen3-MoE with the same dimensions (issue 2,
+"Benchmark harness"; issue 3, whole-model target).
+
+Both models are built through their `ForCausalLM` classes (so `post_init` initialises every weight) with the
+same vocabulary, hidden size, layers, heads, experts, top-k and expert width; ernie5 runs without shared experts
+and without multi-token prediction so that both do the same work per token (its fp32 router and balancing bias
+stay on: they are part of the model). The experts back-end of every candidate is set explicitly: ours through
+`config.experts_backend`, transformers' through `config._experts_implementation`.
+
+Two measurements, candidates interleaved in every round, medians reported with the load average:
+- training step: forward with labels + `loss.backward()` over a (batch, seq) batch, in tokens/s;
+- cached greedy decoding: `generate` of `--new-tokens` tokens after a short prompt (DynamicCache), in tokens/s.
+
+The weights of the two models differ (different architectures: Qwen3 has q/k norms, ernie5 Uni-RoPE), so the
+routing is alike in distribution (near-uniform at initialisation) but not identical token by token.
+
+Usage:
+    python benchmarks/model_step.py --quick
+    python benchmarks/model_step.py --batch 4 --seq 512 --rounds 5
+
+Writes benchmarks/results/model_step.json and model_step.png and prints a ratio table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from modeling_ernie5 import Ernie5Config, Ernie5ForCausalLM  # noqa: E402
+from transformers import Qwen3MoeConfig, Qwen3MoeForCausalLM  # noqa: E402
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+# MoE-dominated small model: the MoE layers use issue 3's target expert shape.
+DIMS = dict(
+    vocab_size=8192,
+    hidden_size=512,
+    num_hidden_layers=2,
+    num_attention_heads=8,
+    num_key_value_heads=4,
+    head_dim=64,
+    num_experts=64,
+    num_experts_per_tok=8,
+    moe_intermediate_size=256,
+)
+
+
+def build_models(dtype: torch.dtype, seed: int = 0):
+    torch.manual_seed(seed)
+    ernie = Ernie5ForCausalLM(
+        Ernie5Config(**DIMS, intermediate_size=1024, num_shared_experts=0, num_nextn_predict_layers=0,
+                     max_position_embeddings=4096)
+    )
+    torch.manual_seed(seed)
+    qwen = Qwen3MoeForCausalLM(
+        Qwen3MoeConfig(**DIMS, intermediate_size=1024, norm_topk_prob=True, decoder_sparse_step=1,
+                       mlp_only_layers=[], max_position_embeddings=4096, router_aux_loss_coef=0.0)
+    )
+    return ernie.to(dtype), qwen.to(dtype)
+
+
+def candidates(ernie, qwen, include_slow: bool, tokens: int):
+    def ours(backend):
+        def setup():
+            ernie.config._experts_implementation = "eager"  # Ernie5Experts.forward -> our registry
+            ernie.config.experts_backend = backend
+        return setup
+
+    def theirs(impl):
+        def setup():
+            qwen.config._experts_implementation = impl
+        return setup
+
+    out = [("ernie5:cpu", ernie, ours("cpu")), ("qwen3:grouped_mm", qwen, theirs("grouped_mm"))]
+    if include_slow:
+        out += [("ernie5:reference", ernie, ours("reference")), ("qwen3:eager", qwen, theirs("eager"))]
+    # batched_mm copies every chosen expert's weights per (token, slot): only small batches.
+    copies = tokens * DIMS["num_experts_per_tok"] * 3 * DIMS["hidden_size"] * DIMS["moe_intermediate_size"] * 4
+    if copies <= 2**29:
+        out.append(("qwen3:batched_mm", qwen, theirs("batched_mm")))
+    return out
+
+
+def train_step(model, ids):
+    model.train()
+    model.zero_grad(set_to_none=True)
+    out = model(input_ids=ids, labels=ids)
+    out.loss.backward()
+
+
+def decode(model, prompt, new_tokens):
+    model.eval()
+    with torch.no_grad():
+        model.generate(prompt, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
+                       use_cache=True, pad_token_id=0)
+
+
+def timed(fn) -> float:
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
+
+
+def run(args) -> dict:
+    dtype = getattr(torch, args.dtype)
+    ernie, qwen = build_models(dtype)
+    gen = torch.Generator().manual_seed(1)
+    ids = torch.randint(1, DIMS["vocab_size"], (args.batch, args.seq), generator=gen)
+    prompt = torch.randint(1, DIMS["vocab_size"], (args.decode_batch, args.prompt), generator=gen)
+    cands = candidates(ernie, qwen, args.slow, args.batch * args.seq)
+    step_times = {name: [] for name, _, _ in cands}
+    decode_times = {name: [] for name, _, _ in cands}
+    load_before = os.getloadavg()[0]
+    from tqdm import tqdm
+
+    for r in tqdm(range(args.rounds + 1), desc="model_step rounds"):  # round 0 is a discarded warm-up
+        order = cands[r % len(cands):] + cands[: r % len(cands)]
+        for name, model, setup in order:
+            setup()
+            t_step = timed(lambda: train_step(model, ids))
+            t_dec = timed(lambda: decode(model, prompt, args.new_tokens))
+            if r:
+                step_times[name].append(t_step)
+                decode_times[name].append(t_dec)
+    train_tokens = args.batch * args.seq
+    decode_tokens = args.decode_batch * args.new_tokens
+    rows = {}
+    for name in step_times:
+        s, d = statistics.median(step_times[name]), statistics.median(decode_times[name])
+        rows[name] = {
+            "train_step_s": s,
+            "train_tokens_per_s": train_tokens / s,
+            "decode_s": d,
+            "decode_tokens_per_s": decode_tokens / d,
+            "train_runs": step_times[name],
+            "decode_runs": decode_times[name],
+        }
+    best_train = max(v["train_tokens_per_s"] for k, v in rows.items() if k.startswith("qwen3:"))
+    best_decode = max(v["decode_tokens_per_s"] for k, v in rows.items() if k.startswith("qwen3:"))
+    for row in rows.values():
+        row["train_vs_hf_best"] = row["train_tokens_per_s"] / best_train
+        row["decode_vs_hf_best"] = row["decode_tokens_per_s"] / best_decode
+    return {
+        "benchmark": "model_step",
+        "dims": DIMS,
+        "dtype": args.dtype,
+        "batch": args.batch,
+        "seq": args.seq,
+        "decode": {"batch": args.decode_batch, "prompt": args.prompt, "new_tokens": args.new_tokens},
+        "rounds": args.rounds,
+        "params": {"ernie5": sum(p.numel() for p in ernie.parameters()), "qwen3": sum(p.numel() for p in qwen.parameters())},
+        "loadavg_before": load_before,
+        "loadavg_after": os.getloadavg()[0],
+        "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "threads": args.threads},
+        "versions": {"torch": torch.__version__, "transformers": __import__("transformers").__version__},
+        "results": rows,
+    }
+
+
+def print_table(report: dict) -> None:
+    print(
+        f"\n== model_step {report['dtype']} batch={report['batch']}x{report['seq']} decode "
+        f"{report['decode']['batch']}x{report['decode']['new_tokens']} new tokens (median of {report['rounds']}; "
+        f"load {report['loadavg_before']:.1f}->{report['loadavg_after']:.1f})"
+    )
+    print(f"{'impl':<18}{'step ms':>10}{'train tok/s':>13}{'xHF':>7}{'decode ms':>11}{'dec tok/s':>11}{'xHF':>7}")
+    for name, row in report["results"].items():
+        print(
+            f"{name:<18}{row['train_step_s'] * 1e3:>10.1f}{row['train_tokens_per_s']:>13.0f}{row['train_vs_hf_best']:>7.2f}"
+            f"{row['decode_s'] * 1e3:>11.1f}{row['decode_tokens_per_s']:>11.1f}{row['decode_vs_hf_best']:>7.2f}"
+        )
+
+
+def plot(report: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = list(report["results"])
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
+    for ax, key, title in ((axes[0], "train_tokens_per_s", "training step"), (axes[1], "decode_tokens_per_s", "cached decoding")):
+        vals = [report["results"][n][key] for n in names]
+        ax.bar(range(len(names)), vals, color=["tab:blue" if n.startswith("ernie5") else "tab:gray" for n in names])
+        ax.set_xticks(range(len(names)), names, rotation=30, ha="right", fontsize=8)
+        ax.set_ylabel("tokens/s")
+        ax.set_title(f"{title} ({report['dtype']})")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def main(argv=None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--quick", action="store_true", help="batch 2x512, 8 new tokens, 3 rounds, fast back-ends only")
+    parser.add_argument("--batch", type=int, default=4)
+    parser.add_argument("--seq", type=int, default=512)
+    parser.add_argument("--decode-batch", type=int, default=1)
+    parser.add_argument("--prompt", type=int, default=16)
+    parser.add_argument("--new-tokens", type=int, default=32)
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--slow", action="store_true", help="also time the reference loop and transformers' eager")
+    parser.add_argument("--out", type=Path, default=None)
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.batch, args.seq, args.new_tokens, args.rounds = 2, 512, 16, 3
+    torch.set_num_threads(args.threads)
+    report = run(args)
+    print_table(report)
+    out = args.out or RESULTS / f"model_step_{args.dtype}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(report, indent=1))
+    plot(report, out.with_suffix(".png"))
+    print(f"\nwrote {out} and {out.with_suffix('.png')}")
+    return report
+
+
+if __name__ == "__main__":
+    main()

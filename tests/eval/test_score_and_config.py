@@ -1,0 +1,53 @@
+"""The official-format rescoring CLI, run configuration checks, and release lookup."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from conftest import require_real_dynvqa
+from eval.loaders import release_path
+from eval.run import RunConfig
+from eval.score import main as score_main
+from eval.score import score_file
+
+
+def test_score_file_matches_metric_and_skips_what_would_crash(tmp_path, capsys):
+    path = tmp_path / "output.jsonl"
+    lines = [
+        {"question_id": "en1", "answer": ["Al Nassr", "Al Nassr FC"], "prediction": "Al Nassr."},
+        {"question_id": "en2", "answer": ["Al-Nassr"], "prediction": "Al-Nassr"},
+        {"question_id": "en3", "answer": None, "prediction": "x"},  # official script: TypeError
+        {"question_id": "en4", "answer": ["x"], "prediction": None},
+    ]
+    path.write_text("".join(json.dumps(l) + "\n" for l in lines) + "{torn", encoding="utf-8")
+    result = score_file(str(path), "en")
+    assert (result["n"], result["official_f1_recall"], result["clean_f1_recall"]) == (2, 50.0, 100.0)
+    assert [s["reason"] for s in result["skipped"]] == ["answer_null_or_empty", "prediction_not_a_string", "invalid_json"]
+    score_main([str(path), "--lang", "en"])
+    assert "Token F1-Recall:  50.0" in capsys.readouterr().out
+
+
+def test_run_config_checks(tmp_path):
+    cfg_file = tmp_path / "run.yaml"
+    cfg_file.write_text("model: m\ndata: [a.jsonl]\nmodes: direct,golden\nlangs: en,zh\n", encoding="utf-8")
+    cfg = RunConfig.from_yaml(str(cfg_file), out=str(tmp_path / "x"))
+    assert cfg.modes == ["direct", "golden"] and cfg.langs == ["en", "zh"] and cfg.run_name == "x"
+    cfg_file.write_text("model: m\nbogus: 1\n", encoding="utf-8")
+    with pytest.raises(ValueError, match="bogus"):
+        RunConfig.from_yaml(str(cfg_file))
+    with pytest.raises(ValueError, match="unknown Dyn-VQA mode"):
+        RunConfig(modes=["direct", "oracle"])
+    with pytest.raises(ValueError, match=">= 1"):
+        RunConfig(batch_size=0)
+
+
+def test_release_lookup(tmp_path):
+    with pytest.raises(ValueError, match="unknown Dyn-VQA release"):
+        release_path(tmp_path, "en", "202399")
+    with pytest.raises(ValueError, match="not found"):
+        release_path(tmp_path, "en", "202408")
+    root = require_real_dynvqa()
+    assert release_path(root).name == "DynVQA_en.202412.jsonl"
+    assert release_path(root, "zh", "202406").name == "DynVQA_zh.202406.jsonl"

@@ -1,0 +1,270 @@
+"""Vision parts of ERNIE 5.0 on CPU with tiny sizes: the bitwise visual tokenizer, Uni-RoPE image positions, the
+scale-wise block-causal mask, understanding through the backbone, next-scale generation and save/load."""
+
+import os
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+import torch
+
+from modeling_ernie5 import Ernie5Config, Ernie5ForCausalLM
+from modeling_ernie5.configuration_ernie5_vision import Ernie5VisionConfig, Ernie5VisualTokenizerConfig
+from modeling_ernie5.masks import build_block_causal_mask
+from modeling_ernie5.modeling_ernie5_vl import Ernie5ForConditionalGeneration
+from modeling_ernie5.multimodal_layout import ImageLayout, layout_positions_and_blocks
+from modeling_ernie5.rope import centered_grid_positions
+from modeling_ernie5.vision import Ernie5PatchMerger, flip_bits, group_patches
+from modeling_ernie5.visual_tokenizer import Ernie5VisualTokenizer, bits_to_indices, indices_to_bits, psnr
+
+IMG, GEN, BOI, EOI, PAD = 60, 61, 62, 63, 0
+U = 16  # understanding tokens per image (8x8 latent, 2x2 merge)
+G = 1 + 4 + 16 + 64  # generation tokens per image
+
+
+def vision_config(**kw):
+    return Ernie5Config(
+        vocab_size=64, vision_config=Ernie5VisionConfig(**kw), image_token_id=IMG, image_gen_token_id=GEN,
+        boi_token_id=BOI, eoi_token_id=EOI, pad_token_id=PAD,
+    )  # fmt: skip
+
+
+def toy_pixels(n, seed=0):
+    from processing.toy_world import draw_scene
+
+    arrays = [np.asarray(draw_scene(seed + i, size=32)[0], dtype=np.float32) / 127.5 - 1 for i in range(n)]
+    return torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).contiguous()
+
+
+@pytest.fixture(scope="module")
+def trained_tokenizer():
+    """A tokenizer trained for a few seconds on toy scenes: enough to beat the untrained one by a wide margin."""
+    torch.manual_seed(0)
+    tok = Ernie5VisualTokenizer(Ernie5VisualTokenizerConfig(base_channels=8))
+    opt = torch.optim.AdamW(tok.parameters(), lr=3e-3)
+    for step in range(40):
+        out = tok(toy_pixels(16, seed=100 + 16 * step))
+        opt.zero_grad()
+        out.loss.backward()
+        opt.step()
+    return tok.eval()
+
+
+@pytest.fixture(scope="module")
+def model():
+    torch.manual_seed(0)
+    return Ernie5ForConditionalGeneration(vision_config()).eval()
+
+
+def test_tokenizer_round_trip_and_psnr(trained_tokenizer):
+    x = toy_pixels(8, seed=5000)
+    bits = trained_tokenizer.encode(x)
+    assert [tuple(b.shape) for b in bits] == [(8, s, s, 8) for s in (1, 2, 4, 8)]
+    assert all(b.dtype == torch.uint8 and int(b.max()) <= 1 for b in bits)
+    recon = trained_tokenizer.decode(bits)
+    value = psnr(x, recon)
+    untrained = Ernie5VisualTokenizer(Ernie5VisualTokenizerConfig(base_channels=8)).eval()
+    baseline = psnr(x, untrained.decode(untrained.encode(x)))
+    print(f"tokenizer PSNR after 40 steps: {value:.2f} dB (untrained {baseline:.2f} dB)")
+    assert value > baseline + 5 and value > 15
+    # Decoding is a pure function of the bits; encoding is deterministic.
+    assert torch.equal(recon, trained_tokenizer.decode(trained_tokenizer.encode(x)))
+    # More scales = better reconstruction: dropping the finest scale's information hurts.
+    coarse = [b.clone() for b in bits]
+    coarse[-1].zero_()
+    assert psnr(x, trained_tokenizer.decode(coarse)) < value
+
+
+def test_tokenizer_indices_and_errors(trained_tokenizer):
+    bits = torch.randint(0, 2, (3, 4, 8), dtype=torch.uint8)
+    idx = bits_to_indices(bits)
+    assert int(idx.max()) < 256 and torch.equal(indices_to_bits(idx, 8), bits)
+    with pytest.raises(ValueError, match="32x32"):
+        trained_tokenizer.encode(torch.zeros(1, 3, 16, 16))
+    with pytest.raises(ValueError, match="scales"):
+        trained_tokenizer.decode(trained_tokenizer.encode(toy_pixels(1))[:2])
+
+
+def test_tokenizer_is_causal_in_time():
+    tok = Ernie5VisualTokenizer(Ernie5VisualTokenizerConfig(base_channels=8)).eval()
+    video = torch.rand(1, 3, 3, 32, 32) * 2 - 1
+    changed = video.clone()
+    changed[:, :, 2] = -changed[:, :, 2]
+    a, b = tok(video).reconstruction, tok(changed).reconstruction
+    assert torch.allclose(a[:, :, :2], b[:, :, :2], atol=1e-5)  # earlier frames ignore the future
+    assert not torch.allclose(a[:, :, 2], b[:, :, 2])
+    # A still image equals a one-frame video.
+    img = video[:, :, 0]
+    assert torch.allclose(tok(img).reconstruction, tok(img.unsqueeze(2)).reconstruction[:, :, 0], atol=1e-5)
+
+
+def test_tokenizer_save_load_alone_and_inside_model(tmp_path, trained_tokenizer):
+    trained_tokenizer.save_pretrained(tmp_path / "tok")
+    from transformers import AutoModel
+
+    loaded = AutoModel.from_pretrained(tmp_path / "tok")
+    assert isinstance(loaded, Ernie5VisualTokenizer)
+    x = toy_pixels(2)
+    assert all(torch.equal(a, b) for a, b in zip(loaded.encode(x), trained_tokenizer.encode(x)))
+
+    vl = Ernie5ForConditionalGeneration(vision_config(tokenizer_config=trained_tokenizer.config.to_dict()))
+    vl.load_visual_tokenizer(loaded)
+    vl.save_pretrained(tmp_path / "vl")
+    again = Ernie5ForConditionalGeneration.from_pretrained(tmp_path / "vl")
+    assert all(torch.equal(a, b) for a, b in zip(again.visual_tokenizer.encode(x), trained_tokenizer.encode(x)))
+
+
+def test_centre_aligned_positions_and_text_resumes():
+    assert centered_grid_positions(1, 8).tolist() == [3.5]
+    assert centered_grid_positions(2, 8).tolist() == [1.5, 5.5]
+    assert centered_grid_positions(8, 8).tolist() == list(range(8))
+    layout = ImageLayout(IMG, GEN, 4, (1, 2, 4, 8))
+    ids = torch.tensor([[PAD, 1, 2, BOI] + [GEN] * G + [EOI, 3]])
+    mask = (ids != PAD).long()
+    pos, blocks, deltas = layout_positions_and_blocks(ids, mask, layout)
+    start = 3  # three real tokens before the image
+    first = pos[:, 0, 4]  # the 1x1 scale: t = start, (h, w) centred on the 8x8 grid
+    assert first.tolist() == [start, start + 3.5, start + 3.5]
+    finest = pos[:, 0, 4 + 21 : 4 + G]
+    assert finest[0].eq(start).all() and finest[1].min() == start and finest[1].max() == start + 7
+    assert pos[:, 0, 4 + G].tolist() == [start + 8] * 3  # EOI resumes at max + 1
+    assert pos[:, 0, -1].tolist() == [start + 9] * 3
+    assert deltas.tolist() == [(start + 10) - int(mask.sum())]
+    # One block per text token, one per scale.
+    assert blocks[0, 4] != blocks[0, 5] and (blocks[0, 5:9] == blocks[0, 5]).all()
+    assert len(set(blocks[0, 1:].tolist())) == 3 + 4 + 2
+
+
+def test_block_causal_mask_rules():
+    layout = ImageLayout(IMG, GEN, 4, (1, 2, 4, 8))
+    ids = torch.tensor([[1, BOI] + [GEN] * G + [EOI, 2]])
+    _, blocks, _ = layout_positions_and_blocks(ids, None, layout)
+    allowed = build_block_causal_mask(blocks, None, torch.float32)[0, 0] == 0
+    s2 = slice(3, 7)  # the 2x2 scale
+    assert allowed[s2, s2].all()  # bidirectional inside a scale
+    assert allowed[s2, :3].all() and not allowed[s2, 7:].any()  # sees coarser scales and text, nothing later
+    assert not allowed[0, 1] and allowed[1, 0]  # text stays causal
+    assert allowed[-1].all()  # text after the image sees everything before it
+    with pytest.raises(ValueError, match="whole scales"):
+        layout_positions_and_blocks(torch.tensor([[1, BOI] + [GEN] * 3]), None, layout)
+    with pytest.raises(ValueError, match="multiple of"):
+        layout_positions_and_blocks(torch.tensor([[1, BOI] + [IMG] * 5]), None, layout)
+
+
+def test_patch_merger_shapes_and_grouping():
+    grid = torch.arange(16.0).view(1, 4, 4, 1)
+    groups = group_patches(grid, 2)
+    assert groups[0, :, 0].tolist() == [0, 1, 4, 5] and groups[1, :, 0].tolist() == [2, 3, 6, 7]
+    merger = Ernie5PatchMerger(cnn_dim=12, vit_dim=8, out_dim=20, num_patches=4, num_heads=2)
+    assert merger(torch.randn(5, 4, 12), torch.randn(5, 4, 8)).shape == (5, 20)
+    with pytest.raises(ValueError):
+        merger(torch.randn(5, 3, 12), torch.randn(5, 3, 8))
+
+
+def test_bit_flips_rate():
+    bits = [torch.zeros(200, 8, 8, 8, dtype=torch.uint8)]
+    rate = flip_bits(bits, 0.1, torch.Generator().manual_seed(0))[0].float().mean().item()
+    assert 0.09 < rate < 0.11
+    assert flip_bits(bits, 0.0) is bits
+
+
+def test_understanding_goes_through_the_backbone(model):
+    ids = torch.tensor([[1, 2, BOI] + [IMG] * U + [EOI, 3, 4]])
+    px = toy_pixels(1)
+    out = model(ids, pixel_values=px, labels=ids)
+    assert out.logits.shape == (1, ids.shape[1], 64) and torch.isfinite(out.loss)
+    # The merge happens in the backbone's embedding hook, so a backbone call sees the image too.
+    hidden = model.model(ids, pixel_values=px).last_hidden_state
+    hidden_other = model.model(ids, pixel_values=toy_pixels(1, seed=9)).last_hidden_state
+    assert not torch.allclose(hidden[:, -1], hidden_other[:, -1])
+    with pytest.raises(ValueError, match="placeholder"):
+        model.model(ids, pixel_values=toy_pixels(2))
+    with pytest.raises(ValueError, match="text-only"):
+        Ernie5ForCausalLM(Ernie5Config()).model(ids, pixel_values=px)
+
+
+def test_cached_text_generation_after_an_image_matches_full_forward(model):
+    ids = torch.tensor([[1, 2, BOI] + [IMG] * U + [EOI, 3]])
+    px = toy_pixels(1)
+    out = model.generate(ids, attention_mask=torch.ones_like(ids), pixel_values=px, max_new_tokens=4, do_sample=False)
+    full = model(out[:, :-1], pixel_values=px).logits
+    assert torch.equal(full[0, ids.shape[1] - 1 :].argmax(-1), out[0, ids.shape[1] :])
+    assert model.rope_deltas is not None and int(model.rope_deltas[0]) == 4 - U  # a 4x4 grid advances the counter by 4
+
+
+def test_generation_training_losses_and_scale_weights(model):
+    ids = torch.tensor([[1, 2, BOI] + [GEN] * G + [EOI]])
+    model.train()
+    try:
+        out = model(ids, labels=ids, gen_pixel_values=toy_pixels(1))
+    finally:
+        model.eval()
+    assert out.vision_logits.shape == (G, 8)
+    assert torch.isfinite(out.vision_loss) and torch.isfinite(out.text_loss)
+    # Each modality divided by its own running scale: both terms are ~1 right after the first update.
+    assert out.loss.item() == pytest.approx(2.0, rel=1e-4)
+    assert out.loss_scales[1].item() == pytest.approx(out.vision_loss.item(), rel=1e-5)
+    bits = model.visual_tokenizer.encode(toy_pixels(1))
+    logits = torch.zeros(G, 8)
+    logits[0] = 10 * (bits[0].view(8).float() * 2 - 1)  # the 1x1 scale predicted perfectly, the rest at chance
+    equal = model.bit_loss(logits, bits).item()
+    model.config.vision_config.scale_loss_weights = [1.0, 0.0, 0.0, 0.0]
+    try:
+        assert model.bit_loss(logits, bits).item() < 0.01 < equal
+    finally:
+        model.config.vision_config.scale_loss_weights = None
+
+
+def test_next_scale_generation_produces_images(model):
+    prompts = torch.tensor([[1, 2, 3, BOI], [PAD, PAD, 5, BOI]])
+    mask = (prompts != PAD).long()
+    images, bits = model.generate_image(prompts, mask, temperature=1.0, generator=torch.Generator().manual_seed(0), return_bits=True)
+    assert [im.size for im in images] == [(32, 32)] * 2 and images[0].mode == "RGB"
+    assert [tuple(b.shape) for b in bits] == [(2, s, s, 8) for s in (1, 2, 4, 8)]
+    greedy = model.generate_image(prompts, mask, temperature=0.0, guidance_scale=3.0)
+    assert np.array_equal(np.asarray(greedy[0]), np.asarray(model.generate_image(prompts, mask, temperature=0.0, guidance_scale=3.0)[0]))
+    with pytest.raises(ValueError, match="<boi>"):
+        model.generate_image(torch.tensor([[1, 2]]))
+
+
+def test_text_only_config_unchanged():
+    cfg = Ernie5Config()
+    assert cfg.vision_config is None and Ernie5ForCausalLM(cfg).model.vision is None
+    with pytest.raises(ValueError, match="image_token_id"):
+        Ernie5Config(vision_config=Ernie5VisionConfig())
+    with pytest.raises(ValueError, match="patch grid"):
+        from modeling_ernie5.configuration_ernie5_vision import tiny_vit_config
+
+        Ernie5VisionConfig(vit_config=tiny_vit_config(patch_size=8))
+    with pytest.raises(ValueError, match="scale_schedule"):
+        Ernie5VisualTokenizerConfig(scale_schedule=[1, 2, 4])
+
+
+def test_vl_model_save_load_and_remote_code(tmp_path, model):
+    from transformers import AutoModelForImageTextToText
+
+    model.save_pretrained(tmp_path)
+    ids = torch.tensor([[1, 2, BOI] + [IMG] * U + [EOI, 3]])
+    px = toy_pixels(1)
+    ref = model(ids, pixel_values=px).logits
+    loaded = AutoModelForImageTextToText.from_pretrained(tmp_path).eval()
+    assert isinstance(loaded, Ernie5ForConditionalGeneration)
+    assert torch.allclose(loaded(ids, pixel_values=px).logits, ref, atol=1e-5)
+    torch.save({"ids": ids, "px": px, "ref": ref}, tmp_path / "probe.pt")
+    script = textwrap.dedent(
+        f"""
+        import torch
+        from transformers import AutoModelForImageTextToText
+        m = AutoModelForImageTextToText.from_pretrained({str(tmp_path)!r}, trust_remote_code=True).eval()
+        assert type(m).__module__.startswith("transformers_modules"), type(m).__module__
+        probe = torch.load({str(tmp_path / "probe.pt")!r}, weights_only=True)
+        out = m(probe["ids"], pixel_values=probe["px"]).logits
+        assert torch.allclose(out, probe["ref"], atol=1e-5), (out - probe["ref"]).abs().max()
+        print("remote ok")
+        """
+    )
+    env = {**os.environ, "PYTHONPATH": ""}
+    result = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0 and "remote ok" in result.stdout, result.stderr[-3000:]

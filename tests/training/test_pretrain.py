@@ -1,0 +1,173 @@
+"""training/pretrain.py end to end on CPU: YAML/JSON config with command-line overrides, a resumed run that
+reproduces the uninterrupted loss curve exactly, and the same script under `torchrun --nproc_per_node 2` (gloo
+DDP, replicas checked identical) and `accelerate launch`. Tiny model, tiny corpus, a few steps each."""
+
+import json
+import os
+import random
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from training.pretrain import load_config_file, parse_args, train
+
+REPO = Path(__file__).resolve().parents[2]
+WORDS = (
+    "the router sends every token to a few experts while a small bias keeps their load even and the shared expert "
+    "sees all tokens so that deep layers can be skipped when the model is trained to work without them"
+).split()
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    """A small text file and a byte-level BPE tokenizer trained on it."""
+    from processing.tokenizer import train_text_tokenizer
+
+    root = tmp_path_factory.mktemp("pretrain_data")
+    rng = random.Random(0)
+    docs = [" ".join(rng.choice(WORDS) for _ in range(rng.randint(20, 60))) for _ in range(200)]
+    (root / "corpus.txt").write_text("\n\n".join(docs))
+    tok = train_text_tokenizer(docs, vocab_size=300)
+    tok.save_pretrained(root / "tok")
+    return root
+
+
+def base_args(corpus, out, **extra) -> list[str]:
+    args = {
+        "train_files": str(corpus / "corpus.txt"),
+        "tokenizer_name_or_path": str(corpus / "tok"),
+        "output_dir": str(out),
+        "block_size": 32,
+        "per_device_train_batch_size": 4,
+        "logging_steps": 1,
+        "report_to": "none",
+        "use_cpu": "true",
+        "learning_rate": 3e-3,
+        "model_overrides": json.dumps({"num_hidden_layers": 4}),
+    }
+    args.update(extra)
+    return [x for k, v in args.items() for x in (f"--{k}", str(v))]
+
+
+def test_yaml_config_and_command_line_overrides(tmp_path):
+    cfg_file = tmp_path / "run.yaml"
+    cfg_file.write_text(
+        yaml.safe_dump(
+            {"output_dir": str(tmp_path / "o"), "elastic": False, "max_steps": 3, "model_overrides": {"num_experts": 4}}
+        )
+    )
+    cfg = parse_args(["--config", str(cfg_file), "--max_steps", "7"])
+    assert cfg.max_steps == 7 and cfg.elastic is False and cfg.model_overrides == {"num_experts": 4}
+    assert cfg.ddp_find_unused_parameters is False and cfg.ddp_broadcast_buffers is False
+    json_file = tmp_path / "run.json"
+    json_file.write_text(json.dumps({"output_dir": str(tmp_path / "o"), "block_size": 64}))
+    assert parse_args(["--config", str(json_file)]).block_size == 64
+
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("output_dir: x\nnum_layerz: 3\n")
+    with pytest.raises(ValueError, match="num_layerz"):
+        parse_args(["--config", str(bad)])
+    with pytest.raises(ValueError, match="model_preset"):
+        parse_args(["--output_dir", str(tmp_path), "--model_preset", "huge"])
+    with pytest.raises(ValueError, match="ddp_find_unused_parameters"):
+        parse_args(["--output_dir", str(tmp_path), "--ddp_find_unused_parameters", "true"])
+
+    # the shipped presets are valid
+    for path in sorted((REPO / "training" / "configs").glob("*.yaml")):
+        assert load_config_file(str(path))
+    for name in ("tiny_elastic.yaml", "tiny_baseline.yaml"):
+        cfg = parse_args(["--config", str(REPO / "training" / "configs" / name), "--output_dir", str(tmp_path / name)])
+        assert cfg.elastic is (name == "tiny_elastic.yaml")
+    for path in sorted((REPO / "training" / "accelerate_configs").glob("*.yaml")):
+        assert "distributed_type" in yaml.safe_load(path.read_text())
+
+
+def _per_step(history):
+    return {h["step"]: h for h in history if "loss" in h and "train_runtime" not in h}
+
+
+def test_resume_reproduces_the_uninterrupted_loss_curve(corpus, tmp_path):
+    from safetensors.torch import load_file
+
+    full = tmp_path / "full"
+    train(parse_args(base_args(corpus, full, max_steps=6, save_steps=3, report_to="tensorboard")))
+    resumed = tmp_path / "resumed"
+    train(parse_args(base_args(corpus, resumed, max_steps=6, save_steps=3, resume_from_checkpoint=full / "checkpoint-3")))
+
+    a = _per_step(json.loads((full / "checkpoint-6" / "trainer_state.json").read_text())["log_history"])
+    b = _per_step(json.loads((resumed / "checkpoint-6" / "trainer_state.json").read_text())["log_history"])
+    assert sorted(a) == sorted(b) == [1, 2, 3, 4, 5, 6]
+    for step in (4, 5, 6):
+        for key in ("loss", "grad_norm", "loss_full", "expert_load_cv", "router_bias_absmax"):
+            assert a[step][key] == b[step][key], (step, key, a[step][key], b[step][key])
+    assert any("loss_depth" in h or "loss_width" in h or "loss_sparsity" in h for h in a.values())
+    wa, wb = load_file(full / "model.safetensors"), load_file(resumed / "model.safetensors")
+    assert wa.keys() == wb.keys()
+    for name in wa:
+        torch.testing.assert_close(wa[name], wb[name], rtol=0, atol=0, msg=name)
+    assert any(n.endswith("e_score_correction_bias") and wa[n].abs().sum() > 0 for n in wa), "the bias never moved"
+    assert list((full / "runs").rglob("events.out.tfevents*")), "no TensorBoard log"
+    assert (full / "expert_load.json").exists() and (full / "elastic_losses.png").exists()
+
+
+DDP_DRIVER = textwrap.dedent(
+    """
+    import sys
+    import torch
+    import torch.distributed as dist
+    sys.path.insert(0, {repo!r})
+    from transformers import TrainerCallback
+    from training.pretrain import parse_args, train
+
+    class ReplicaCheck(TrainerCallback):
+        def on_train_end(self, args, state, control, model=None, **kwargs):
+            vec = torch.cat([p.detach().flatten() for p in model.parameters()]
+                            + [r.e_score_correction_bias for r in model.model.routers()])
+            got = [torch.zeros_like(vec) for _ in range(dist.get_world_size())]
+            dist.all_gather(got, vec)
+            assert torch.equal(got[0], got[1]), "DDP replicas diverged"
+            moved = float(sum(r.e_score_correction_bias.abs().sum() for r in model.model.routers()))
+            if dist.get_rank() == 0:
+                print(f"REPLICAS EQUAL world={{dist.get_world_size()}} bias_moved={{moved > 0}}")
+
+    train(parse_args(sys.argv[1:]), callbacks=[ReplicaCheck()])
+    """
+)
+
+
+def _env():
+    return dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO), TOKENIZERS_PARALLELISM="false")
+
+
+@pytest.mark.slow
+def test_torchrun_two_cpu_processes(corpus, tmp_path):
+    driver = tmp_path / "driver.py"
+    driver.write_text(DDP_DRIVER.format(repo=str(REPO)))
+    out = tmp_path / "ddp"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "0", str(driver),
+           *base_args(corpus, out, max_steps=3, save_strategy="no", report_to="tensorboard")]  # fmt: skip
+    result = subprocess.run(cmd, cwd=tmp_path, env=_env(), capture_output=True, text=True, timeout=400)
+    assert result.returncode == 0, result.stderr[-4000:]
+    assert "REPLICAS EQUAL world=2 bias_moved=True" in result.stdout, result.stdout[-2000:]
+    summary = json.loads((out / "pretrain_summary.json").read_text())
+    assert summary["world_size"] == 2 and summary["global_step"] == 3
+    assert "loss_full" in summary and "expert_load_cv" in summary
+    assert list((out / "runs").rglob("events.out.tfevents*"))
+
+
+@pytest.mark.slow
+def test_accelerate_launch_runs_the_same_script(corpus, tmp_path):
+    out = tmp_path / "acc"
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
+           str(REPO / "training" / "accelerate_configs" / "cpu.yaml"), str(REPO / "training" / "pretrain.py"),
+           *base_args(corpus, out, max_steps=2, save_strategy="no")]  # fmt: skip
+    result = subprocess.run(cmd, cwd=tmp_path, env=_env(), capture_output=True, text=True, timeout=400)
+    assert result.returncode == 0, result.stderr[-4000:]
+    summary = json.loads((out / "pretrain_summary.json").read_text())
+    assert summary["global_step"] == 2 and summary["elastic"] is True
+    assert (out / "model.safetensors").exists() and (out / "tokenizer.json").exists()
