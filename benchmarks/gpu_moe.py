@@ -108,7 +108,7 @@ def check_launchers(device) -> dict:
     out["grouped_gemm(gather)"] = rel_err(c, per_expert(x_S, gate_up))
     c, _ = ops.grouped_gemm(x_S.contiguous(), gate_up, layout, rows)
     out["grouped_gemm(plain)"] = rel_err(c, per_expert(x_S, gate_up))
-    g_SD = torch.randn(rows, hidden, device=device)
+    g_SD = torch.randn(rows, 2 * inter, device=device)
     c, _ = ops.grouped_gemm(g_SD, gate_up.transpose(1, 2), layout, rows)
     out["grouped_gemm(transposed B)"] = rel_err(c, per_expert(g_SD, gate_up.transpose(1, 2)))
     w_S = w.reshape(-1)[groups.valid_order].contiguous()

@@ -53,12 +53,21 @@ class Ernie5CausalConv3d(nn.Module):
         return self.conv(x_BCTHW)
 
 
+class Ernie5FrameGroupNorm(nn.GroupNorm):
+    """GroupNorm with statistics per frame: pooling them over time would let a frame see the future."""
+
+    def forward(self, x_BCTHW: torch.Tensor) -> torch.Tensor:
+        b, c, t, h, w = x_BCTHW.shape
+        frames = x_BCTHW.permute(0, 2, 1, 3, 4).reshape(b * t, c, h, w)
+        return super().forward(frames).view(b, t, c, h, w).permute(0, 2, 1, 3, 4)
+
+
 class Ernie5TokenizerResBlock(nn.Module):
     def __init__(self, in_channels: int, out_channels: int):
         super().__init__()
-        self.norm1 = nn.GroupNorm(min(8, in_channels), in_channels)
+        self.norm1 = Ernie5FrameGroupNorm(min(8, in_channels), in_channels)
         self.conv1 = Ernie5CausalConv3d(in_channels, out_channels)
-        self.norm2 = nn.GroupNorm(min(8, out_channels), out_channels)
+        self.norm2 = Ernie5FrameGroupNorm(min(8, out_channels), out_channels)
         self.conv2 = Ernie5CausalConv3d(out_channels, out_channels)
         self.skip = nn.Conv3d(in_channels, out_channels, 1) if in_channels != out_channels else nn.Identity()
 
@@ -82,7 +91,7 @@ class Ernie5TokenizerEncoder(nn.Module):
             if level < len(chans) - 1:
                 blocks.append(Ernie5CausalConv3d(prev, prev, spatial_stride=2))
         self.blocks = nn.Sequential(*blocks)
-        self.norm_out = nn.GroupNorm(min(8, prev), prev)
+        self.norm_out = Ernie5FrameGroupNorm(min(8, prev), prev)
         self.conv_out = Ernie5CausalConv3d(prev, config.codebook_bits)
         self.feature_channels = prev
 
@@ -107,7 +116,7 @@ class Ernie5TokenizerDecoder(nn.Module):
                 blocks.append(nn.Upsample(scale_factor=(1, 2, 2), mode="nearest"))
                 blocks.append(Ernie5CausalConv3d(prev, prev))
         self.blocks = nn.Sequential(*blocks)
-        self.norm_out = nn.GroupNorm(min(8, prev), prev)
+        self.norm_out = Ernie5FrameGroupNorm(min(8, prev), prev)
         self.conv_out = Ernie5CausalConv3d(prev, config.num_channels)
 
     def forward(self, z_BDThw: torch.Tensor) -> torch.Tensor:

@@ -71,6 +71,9 @@ class Stage:
     def process(self, record: dict) -> dict:
         raise NotImplementedError
 
+    def setup(self) -> None:
+        """Load heavy resources (teacher, tools) once, before worker threads start using them."""
+
     def counters(self, record: dict) -> dict[str, int]:
         return {}
 
@@ -208,6 +211,10 @@ class ShardRunner:
                 keep = data.rfind(b"\n") + 1
                 f.truncate(keep)
         processed, exhausted = 0, False
+        if pending:
+            # Building models lazily from several threads at once races inside imports (half-initialised
+            # transformers / cv2 modules), so resources are loaded here, on one thread.
+            self.stage.setup()
         with open(path, "a", encoding="utf-8") as journal, ThreadPoolExecutor(self.config.concurrency) as pool:
             todo = iter(pending)
             running = set()
@@ -274,7 +281,8 @@ class ShardRunner:
 
 
 def _atomic_write(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
+    # pid in the temporary name: datatrove workers may write the same file (plan.json) at once.
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     tmp.write_text(text, encoding="utf-8")
     os.replace(tmp, path)
 

@@ -95,6 +95,9 @@ class RationaleStage(Stage):
             self._runtime = build_tools(self.config)
         return self._runtime
 
+    def setup(self) -> None:
+        self.teacher, self.runtime  # noqa: B018 - touching the properties loads them
+
     @property
     def features(self):
         import datasets

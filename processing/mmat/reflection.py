@@ -46,6 +46,9 @@ class ReflectionStage(Stage):
             self._teacher = build_teacher(self.config)
         return self._teacher
 
+    def setup(self) -> None:
+        self.teacher  # noqa: B018 - touching the property loads it
+
     @property
     def features(self):
         import datasets

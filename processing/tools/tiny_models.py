@@ -78,6 +78,13 @@ def build_tiny_owlvit(path: str | os.PathLike, image_size: int = 64, seed: int =
     )
     torch.manual_seed(seed)
     model = OwlViTForObjectDetection(config).eval()
+    # Random heads emit degenerate boxes and ~1e-20 scores. Zeroing the last box layer and the logit
+    # scale/shift puts them at their neutral point: each patch predicts its own grid-cell box, and scores
+    # are sigmoid(cosine similarity) of random embeddings, so the pipeline returns well-formed detections.
+    with torch.no_grad():
+        for layer in (model.box_head.dense2, model.class_head.logit_shift, model.class_head.logit_scale):
+            layer.weight.zero_()
+            layer.bias.zero_()
     size = {"height": image_size, "width": image_size}
     processor = OwlViTProcessor(image_processor=OwlViTImageProcessorPil(size=size, crop_size=size), tokenizer=tokenizer)
     model.save_pretrained(path)

@@ -242,6 +242,7 @@ def test_text_only_config_unchanged():
         Ernie5VisualTokenizerConfig(scale_schedule=[1, 2, 4])
 
 
+@pytest.mark.slow
 def test_vl_model_save_load_and_remote_code(tmp_path, model):
     from transformers import AutoModelForImageTextToText
 

@@ -324,6 +324,17 @@ def test_killed_run_resumes_without_loss_or_repeats(tmp_path, toy_source):
         assert final[sid] == record
 
 
+def test_cli_runs_a_stage_from_yaml_with_flag_overrides(tmp_path, toy_source):
+    from processing.mmat.__main__ import main
+
+    config = tmp_path / "run.yaml"
+    config.write_text(f"inputs: [{toy_source}]\noutput_dir: {tmp_path / 'out'}\nshard_size: 100\nmax_samples: 3\n")
+    assert main(["curate", "--config", str(config), "--shard_size", "2", "--progress", "false"]) == 0
+    summary = json.loads((tmp_path / "out" / "curate" / "summary.json").read_text())
+    assert summary["n_shards"] == 2 and summary["counts"]["ok"] == 3
+    assert (tmp_path / "out" / "summary.png").exists()
+
+
 def test_cli_help_and_bad_config(tmp_path):
     help_out = subprocess.run(
         [sys.executable, "-m", "processing.mmat", "all", "--help"], cwd=REPO, capture_output=True, text=True, timeout=60

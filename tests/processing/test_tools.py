@@ -115,8 +115,7 @@ def test_face_rendering_forms():
 
 
 def test_label_bbox_renders_normalised_boxes_in_released_form(tiny_owlvit):
-    # threshold 0: a random detector's scores are tiny, and this test is about the rendered form.
-    rt = ToolRuntime({"label_bbox": OpenVocabDetector(tiny_owlvit, threshold=0.0)})
+    rt = build_runtime(ocr=False, face=False, detector_path=tiny_owlvit)
     result = rt.call("label_bbox", text_image(), query="closest car, road_lane")
     assert result.ok, result.error
     parsed = ast.literal_eval(result.text)  # a Python-dict string, as in Fig. 14
@@ -127,6 +126,9 @@ def test_label_bbox_renders_normalised_boxes_in_released_form(tiny_owlvit):
             assert len(box) == 4 and all(0.0 <= v <= 1.0 and round(v, 2) == v for v in box)
             assert box[0] < box[2] and box[1] < box[3]
     assert result.data["labels"] == ["closest car", "road_lane"]
+    # A label the detector scores below the threshold is left out; none at all is said in words.
+    strict = ToolRuntime({"label_bbox": OpenVocabDetector(tiny_owlvit, threshold=0.999)})
+    assert strict.call("label_bbox", text_image(), query="car").text == "No queried object was detected in the image."
 
 
 def test_image_caption_pipeline_from_local_weights(tiny_vlm):

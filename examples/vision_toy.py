@@ -1,0 +1,305 @@
+"""Toy-world vision demo: train briefly on CPU, then measure understanding and generation (issue 5, item 5).
+
+    python examples/vision_toy.py                      # full demo, a few minutes on a free 2-core machine
+    python examples/vision_toy.py --tokenizer_steps 100 --model_steps 200    # reduced
+
+Steps:
+1. train the multi-scale bitwise visual tokenizer on toy scenes (held-out reconstruction PSNR);
+2. train a byte-level BPE text tokenizer on toy captions and questions;
+3. train a tiny `Ernie5ForConditionalGeneration` (tiny preset + vision) on two tasks per step: answering toy
+   questions about an image (understanding) and drawing a single coloured shape from its caption (next-scale
+   generation, prompts dropped with `cfg_dropout_prob` so classifier-free guidance works);
+4. measure with the strict checkers of `processing.toy_world`: question accuracy per kind against the uniform-guess
+   chance rate and the best answer-prior baseline (always the most frequent training answer of that kind), and
+   generated images' dominant colour / shape against their prompt (chance 1/6 and 1/3), next to the same checkers
+   on tokenizer reconstructions of real images (the ceiling the model can reach through this tokenizer).
+
+Writes to `--output_dir`: `results.json`, `generated.png` (prompt grid), `losses.png` (per-modality raw and
+rescaled losses), `routing_heatmap.png`, `tokenizer_recon.png` and the saved model + processor.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import time
+from collections import Counter, defaultdict
+
+import torch
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--output_dir", default="outputs/vision_toy")
+    p.add_argument("--tokenizer_steps", type=int, default=300)
+    p.add_argument("--model_steps", type=int, default=700)
+    p.add_argument("--batch_size", type=int, default=16)
+    p.add_argument("--learning_rate", type=float, default=3e-3)
+    p.add_argument("--eval_scenes", type=int, default=150)
+    p.add_argument("--gen_per_prompt", type=int, default=3, help="images per (colour, shape) prompt")
+    p.add_argument("--guidance_scale", type=float, default=3.0)
+    p.add_argument("--seed", type=int, default=0)
+    return p.parse_args(argv)
+
+
+def understanding_sample(seed: int, rng: random.Random):
+    from processing.toy_world import draw_scene, make_questions
+
+    image, scene = draw_scene(seed, size=64)
+    return image, make_questions(scene, rng)
+
+
+def build_understanding_batch(processor, items, eos_token: str):
+    """items: (image, question, answer). Labels cover only the answer and the end-of-sequence token."""
+    tok = processor.tokenizer
+    ids, labels = [], []
+    for _, question, answer in items:
+        prompt = tok(processor.expand_text(f"<image>Q: {question} A:", 0), add_special_tokens=False)["input_ids"]
+        target = tok(f" {answer}{eos_token}", add_special_tokens=False)["input_ids"]
+        ids.append(prompt + target)
+        labels.append([-100] * len(prompt) + target)
+    width = max(len(x) for x in ids)
+    pad = tok.pad_token_id
+    input_ids = torch.tensor([[pad] * (width - len(x)) + x for x in ids])
+    label_ids = torch.tensor([[-100] * (width - len(x)) + x for x in labels])
+    mask = torch.tensor([[0] * (width - len(x)) + [1] * len(x) for x in ids])
+    pixels = processor.image_processor([im for im, _, _ in items], return_tensors="pt")["pixel_values"]
+    return {"input_ids": input_ids, "attention_mask": mask, "labels": label_ids, "pixel_values": pixels}
+
+
+def build_generation_batch(processor, seeds, rng: random.Random, cfg_dropout: float):
+    from processing.toy_world import caption, draw_scene
+
+    texts, targets = [], []
+    for s in seeds:
+        image, scene = draw_scene(s, size=32, max_shapes=1)
+        prompt = "" if rng.random() < cfg_dropout else f"draw {caption(scene)}"
+        texts.append(f"{prompt}<|image_gen|>")
+        targets.append(image)
+    batch = processor(text=texts, gen_images=targets)
+    return {k: batch[k] for k in ("input_ids", "attention_mask", "gen_pixel_values")}
+
+
+@torch.no_grad()
+def answer_questions(model, processor, items, batch_size=32, max_new_tokens=3):
+    tok = processor.tokenizer
+    answers = []
+    for i in range(0, len(items), batch_size):
+        chunk = items[i : i + batch_size]
+        batch = processor(text=[f"<image>Q: {q} A:" for _, q, _ in chunk], images=[im for im, _, _ in chunk])
+        out = model.generate(
+            input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], pixel_values=batch["pixel_values"],
+            max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id,
+        )  # fmt: skip
+        answers += tok.batch_decode(out[:, batch["input_ids"].shape[1] :], skip_special_tokens=True)
+    return answers
+
+
+def main(argv=None) -> dict:
+    args = parse_args(argv)
+    os.makedirs(args.output_dir, exist_ok=True)
+    torch.manual_seed(args.seed)
+    rng = random.Random(args.seed)
+    t0 = time.time()
+
+    from tqdm.auto import tqdm
+
+    from eval.routing_heatmap import plot_heatmaps, routing_usage, toy_batches
+    from modeling_ernie5 import Ernie5Config
+    from modeling_ernie5.configuration_ernie5_vision import Ernie5VisionConfig
+    from modeling_ernie5.modeling_ernie5_vl import Ernie5ForConditionalGeneration
+    from processing.image_processing import Ernie5ImageProcessor
+    from processing.processing_ernie5 import Ernie5Processor, add_vision_tokens
+    from processing.tokenizer import train_text_tokenizer
+    from processing.toy_world import (
+        COLORS, SHAPES, QA_KINDS, caption, chance_rate, check_answer, classify_shape, dominant_color, draw_scene,
+        make_questions,
+    )  # fmt: skip
+    from training.train_visual_tokenizer import VisualTokenizerTrainingArguments, train as train_tokenizer
+
+    # 1. Visual tokenizer.
+    vt_args = VisualTokenizerTrainingArguments(
+        output_dir=os.path.join(args.output_dir, "visual_tokenizer"), max_steps=args.tokenizer_steps, seed=args.seed
+    )
+    visual_tokenizer, vt_metrics = train_tokenizer(vt_args)
+    os.replace(os.path.join(vt_args.output_dir, "recon.png"), os.path.join(args.output_dir, "tokenizer_recon.png"))
+    print(f"visual tokenizer: held-out PSNR {vt_metrics['psnr_db']:.2f} dB")
+
+    # 2. Text tokenizer over the toy world's language.
+    corpus = []
+    for s in range(400):
+        _, scene = draw_scene(1_000_000 + s)
+        corpus.append(caption(scene))
+        corpus += [f"Q: {qa.question} A: {qa.answer}" for qa in make_questions(scene, rng)]
+    text_tokenizer = add_vision_tokens(train_text_tokenizer(corpus, vocab_size=320))
+    processor = Ernie5Processor(Ernie5ImageProcessor(size=32), text_tokenizer)
+
+    # 3. Model.
+    vision = Ernie5VisionConfig(tokenizer_config=visual_tokenizer.config.to_dict())
+    config = Ernie5Config.from_preset(
+        "tiny", vocab_size=len(text_tokenizer), vision_config=vision, pad_token_id=text_tokenizer.pad_token_id,
+        bos_token_id=text_tokenizer.bos_token_id, eos_token_id=text_tokenizer.eos_token_id, **processor.vision_token_ids(),
+    )  # fmt: skip
+    processor = Ernie5Processor.from_config(processor.image_processor, text_tokenizer, config)
+    model = Ernie5ForConditionalGeneration(config)
+    model.load_visual_tokenizer(visual_tokenizer)
+    for p in model.model.vision.tokenizer.parameters():
+        p.requires_grad_(False)
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=args.learning_rate, weight_decay=0.01)
+    warmup = max(1, args.model_steps // 20)
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: min(1.0, (s + 1) / warmup) * max(0.05, 1 - s / max(1, args.model_steps))
+    )
+    train_answers = defaultdict(Counter)
+    log = []
+    model.train()
+    bar = tqdm(range(args.model_steps), desc="ernie5 vision")
+    for step in bar:
+        items = []
+        while len(items) < args.batch_size:
+            image, qas = understanding_sample(rng.randrange(1_000_000), rng)
+            qa = rng.choice(qas)
+            items.append((image, qa.question, qa.answer))
+            train_answers[qa.kind][qa.answer] += 1
+        und = model(**build_understanding_batch(processor, items, text_tokenizer.eos_token))
+        gen = model(**build_generation_batch(
+            processor, [rng.randrange(1_000_000) for _ in range(args.batch_size)], rng, vision.cfg_dropout_prob
+        ))  # fmt: skip
+        loss = und.loss + gen.loss
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        sched.step()
+        scales = gen.loss_scales.tolist()
+        log.append({
+            "step": step, "text_loss": und.text_loss.item(), "vision_loss": gen.vision_loss.item(),
+            "text_rescaled": und.loss.item(), "vision_rescaled": gen.loss.item(), "text_scale": scales[0],
+            "vision_scale": scales[1],
+        })  # fmt: skip
+        bar.set_postfix(text=f"{log[-1]['text_loss']:.3f}", vision=f"{log[-1]['vision_loss']:.3f}")
+    model.eval()
+    train_seconds = time.time() - t0
+
+    # 4a. Understanding accuracy on held-out scenes.
+    eval_rng = random.Random(12345)
+    items, qas = [], []
+    for s in range(args.eval_scenes):
+        image, scene_qas = understanding_sample(5_000_000 + s, eval_rng)
+        for qa in scene_qas:
+            items.append((image, qa.question, qa.answer))
+            qas.append(qa)
+    predictions = answer_questions(model, processor, items)
+    per_kind = defaultdict(lambda: [0, 0])
+    for qa, pred in zip(qas, predictions):
+        per_kind[qa.kind][0] += check_answer(qa, pred)
+        per_kind[qa.kind][1] += 1
+    understanding = {}
+    for kind in QA_KINDS:
+        if kind not in per_kind:
+            continue
+        hits, total = per_kind[kind]
+        prior = train_answers[kind].most_common(1)[0][0] if train_answers[kind] else None
+        prior_hits = sum(check_answer(qa, prior) for qa in qas if qa.kind == kind) if prior is not None else 0
+        understanding[kind] = {
+            "accuracy": hits / total, "n": total, "chance": chance_rate(kind),
+            "answer_prior_baseline": prior_hits / total,
+        }  # fmt: skip
+    overall_hits = sum(v[0] for v in per_kind.values())
+    understanding["overall"] = {
+        "accuracy": overall_hits / len(qas), "n": len(qas),
+        "chance": sum(chance_rate(qa.kind) for qa in qas) / len(qas),
+        "answer_prior_baseline": sum(understanding[k]["answer_prior_baseline"] * understanding[k]["n"] for k in understanding) / len(qas),
+    }  # fmt: skip
+
+    # 4b. Generation: every (colour, shape) prompt, checked for dominant colour and shape.
+    prompts = [(c, k) for c in COLORS for k in SHAPES for _ in range(args.gen_per_prompt)]
+    gen_batch = processor(text=[f"draw a {c} {k}<|image_gen|>" for c, k in prompts])
+    uncond = processor(text=["<|image_gen|>"] * len(prompts))
+    images = model.generate_image(
+        gen_batch["input_ids"], gen_batch["attention_mask"], guidance_scale=args.guidance_scale,
+        uncond_input_ids=uncond["input_ids"], uncond_attention_mask=uncond["attention_mask"],
+        temperature=1.0, generator=torch.Generator().manual_seed(args.seed),
+    )  # fmt: skip
+    color_hits = sum(dominant_color(im) == c for im, (c, _) in zip(images, prompts))
+    shape_hits = sum(classify_shape(im) == k for im, (_, k) in zip(images, prompts))
+    both_hits = sum(dominant_color(im) == c and classify_shape(im) == k for im, (c, k) in zip(images, prompts))
+    # Ceiling: the same checkers on tokenizer reconstructions of real single-shape images.
+    real = [draw_scene(9_000_000 + i, size=32, max_shapes=1) for i in range(len(prompts))]
+    with torch.no_grad():
+        px = processor.image_processor([im for im, _ in real], return_tensors="pt")["pixel_values"]
+        recon = processor.image_processor.postprocess(visual_tokenizer.decode(visual_tokenizer.encode(px)))
+    ceiling_color = sum(dominant_color(im) == sc.shapes[0].color for im, (_, sc) in zip(recon, real)) / len(real)
+    ceiling_shape = sum(classify_shape(im) == sc.shapes[0].kind for im, (_, sc) in zip(recon, real)) / len(real)
+    generation = {
+        "n": len(prompts), "guidance_scale": args.guidance_scale,
+        "color_match": color_hits / len(prompts), "color_chance": 1 / len(COLORS),
+        "shape_match": shape_hits / len(prompts), "shape_chance": 1 / len(SHAPES),
+        "both_match": both_hits / len(prompts), "both_chance": 1 / (len(COLORS) * len(SHAPES)),
+        "tokenizer_ceiling_color": ceiling_color, "tokenizer_ceiling_shape": ceiling_shape,
+    }  # fmt: skip
+    save_generation_grid(images, prompts, os.path.join(args.output_dir, "generated.png"))
+    save_loss_plot(log, os.path.join(args.output_dir, "losses.png"))
+
+    counts = routing_usage(model, toy_batches(processor, n_scenes=16, seed=7_000_000))
+    divergences = plot_heatmaps(counts, os.path.join(args.output_dir, "routing_heatmap.png"))
+
+    model.save_pretrained(os.path.join(args.output_dir, "model"))
+    processor.save_pretrained(os.path.join(args.output_dir, "model"))
+    results = {
+        "settings": vars(args), "train_seconds": round(train_seconds, 1), "total_seconds": round(time.time() - t0, 1),
+        "tokenizer_psnr_db": vt_metrics["psnr_db"], "understanding": understanding, "generation": generation,
+        "routing_js_divergence": divergences, "final_losses": log[-1] if log else None,
+    }  # fmt: skip
+    with open(os.path.join(args.output_dir, "results.json"), "w") as f:
+        json.dump(results, f, indent=2)
+    print(json.dumps({k: results[k] for k in ("tokenizer_psnr_db", "understanding", "generation", "total_seconds")}, indent=2))
+    return results
+
+
+def save_generation_grid(images, prompts, path, cols: int = 9):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = (len(images) + cols - 1) // cols
+    fig, axes = plt.subplots(rows, cols, figsize=(1.3 * cols, 1.5 * rows), squeeze=False)
+    for i, ax in enumerate(axes.flat):
+        ax.axis("off")
+        if i < len(images):
+            ax.imshow(images[i], interpolation="nearest")
+            ax.set_title(f"{prompts[i][0]} {prompts[i][1]}", fontsize=6)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def save_loss_plot(log, path):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    steps = [r["step"] for r in log]
+    fig, (raw, rescaled) = plt.subplots(1, 2, figsize=(10, 3.5))
+    for key, label in (("text_loss", "text (answer tokens)"), ("vision_loss", "vision (bits)")):
+        raw.plot(steps, [r[key] for r in log], label=label)
+    raw.set_title("raw per-modality losses")
+    raw.set_yscale("log")
+    for key, label in (("text_rescaled", "text / running scale"), ("vision_rescaled", "vision / running scale")):
+        rescaled.plot(steps, [r[key] for r in log], label=label)
+    rescaled.set_title("rescaled (what is optimised)")
+    for ax in (raw, rescaled):
+        ax.set_xlabel("step")
+        ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+if __name__ == "__main__":
+    main()
