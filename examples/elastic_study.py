@@ -7,7 +7,7 @@ size and at reduced depth (3 and 2 layers), experts (8 of 16, chosen by routing 
 three reduced together. The paper's expected shape: the elastic model's full-size loss within a few percent of
 the baseline's, and its sub-models far better than the baseline's at the same reduced setting.
 
-    python examples/elastic_study.py                    # ~20-25 min on 2 free CPU cores
+    python examples/elastic_study.py                    # ~25 min on 2 free CPU cores (500 steps per model)
     python examples/elastic_study.py --max_steps 100    # shorter run, same report
 
 Writes to `--output_dir` (default `outputs/elastic_study`): the two checkpoints, `study.md` (the comparison
@@ -41,7 +41,7 @@ SETTINGS = [  # (label, layers, experts, top_k) for the 4-layer / 16-expert / to
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--output_dir", default="outputs/elastic_study")
-    p.add_argument("--max_steps", type=int, default=300)
+    p.add_argument("--max_steps", type=int, default=500)
     p.add_argument("--batch_size", type=int, default=16)
     p.add_argument("--block_size", type=int, default=128)
     p.add_argument("--learning_rate", type=float, default=3e-3)

@@ -29,7 +29,11 @@ A reduced-depth draw that happens to keep every layer drops one interior layer c
 always means reduced (the paper's 25% are reduced-depth sub-networks).
 
 Draws are a pure function of (seed, optimiser step, micro-step, rank), so a resumed run samples exactly what an
-uninterrupted one would, and no sampler state needs checkpointing.
+uninterrupted one would, and no sampler state needs checkpointing. The pretraining Trainer passes rank 0 on every
+data-parallel rank: each rank then draws the same pattern for its own (different) samples, so all replicas run the
+same sequence of group forwards. DDP breaks when ranks make different numbers of forward calls between two
+backwards (a collective mismatch, observed with gloo), and FSDP would all-gather different layers on different
+ranks; sharing the draw across ranks avoids both at the cost of some sampling diversity within one step.
 """
 
 from __future__ import annotations

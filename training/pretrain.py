@@ -328,7 +328,9 @@ class ElasticTrainer(_base_trainer()):
         batch = labels.shape[0]
         tokens_B = (labels[:, 1:] != -100).sum(1).double()
         total_tokens = tokens_B.sum().clamp(min=1.0)
-        groups = self.sampler.plan(batch, step=self._micro[0], micro_step=self._micro[1], rank=self.args.process_index)
+        # rank=0 on every rank: all replicas run the same sequence of group forwards (DDP needs the same number of
+        # forward calls per rank between backwards; FSDP needs the same modules run in the same order).
+        groups = self.sampler.plan(batch, step=self._micro[0], micro_step=self._micro[1], rank=0)
         loss = 0.0
         parts: dict[str, float] = {}
         last_outputs = None

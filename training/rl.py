@@ -426,6 +426,8 @@ class RLTrainer(GRPOTrainer):
         self._last_rewards: torch.Tensor | None = None
         self._replay: torch.Tensor | None = None
         self._load_counts: torch.Tensor | None = None
+        self._loss_routing: dict[int, list[torch.Tensor]] = {}
+        self._loss_logps: torch.Tensor | None = None
         if a.plot:
             self.add_callback(RLCurvesCallback(self))
 
@@ -582,7 +584,7 @@ class RLTrainer(GRPOTrainer):
                 if a.routing_replay:
                     old, entropies = replay_logps, replay_entropies
             output["old_per_token_logps"] = old
-            if a.routing_replay:
+            if routing is not None:  # kept also without replay, to measure the training forward's routing drift
                 output["rollout_routing"] = routing.to(ids.device)
             if a.measure_mismatch and sampling is not None:
                 self._log_mismatch(plain_logps, sampling, mask, "")
@@ -634,7 +636,10 @@ class RLTrainer(GRPOTrainer):
     def _get_per_token_logps_and_entropies(self, model, *args, **kwargs):
         unwrapped = self.accelerator.unwrap_model(model)
         with replay_routing(unwrapped, self._replay), self._count_load(unwrapped):
-            return super()._get_per_token_logps_and_entropies(model, *args, **kwargs)
+            result = super()._get_per_token_logps_and_entropies(model, *args, **kwargs)
+        if self._load_counts is not None:  # inside the loss: keep the training log-probs for the mismatch metric
+            self._loss_logps = result[0].detach()
+        return result
 
     @contextlib.contextmanager
     def _count_load(self, model):
@@ -643,11 +648,17 @@ class RLTrainer(GRPOTrainer):
             return
         num_experts = model.config.num_experts
 
-        def hook(module, args, output):
-            idx = output[2]
-            self._load_counts += torch.bincount(idx[idx < num_experts].flatten().cpu(), minlength=num_experts)[:num_experts]
+        def hook_for(layer_pos):
+            def hook(module, args, output):
+                hidden_BLD, idx = args[0], output[2]
+                self._load_counts += torch.bincount(
+                    idx[idx < num_experts].flatten().cpu(), minlength=num_experts
+                )[:num_experts]
+                self._loss_routing.setdefault(layer_pos, []).append(idx.detach().view(*hidden_BLD.shape[:2], -1).cpu())
 
-        handles = [b.register_forward_hook(hook) for b in moe_blocks(model)]
+            return hook
+
+        handles = [b.register_forward_hook(hook_for(i)) for i, b in enumerate(moe_blocks(model))]
         try:
             yield
         finally:
@@ -657,17 +668,44 @@ class RLTrainer(GRPOTrainer):
     def _compute_loss(self, model, inputs):
         a = self.rl_args
         self._replay = inputs.get("rollout_routing") if a.routing_replay else None
-        track_load = bool(self._blocks) and self.model.training
-        if track_load:
+        track = bool(self._blocks) and self.model.training
+        if track:
             self._load_counts = torch.zeros(self.accelerator.unwrap_model(model).config.num_experts)
+            self._loss_routing, self._loss_logps = {}, None
         try:
             loss = self._misc_loss(model, inputs) if a.misc else super()._compute_loss(model, inputs)
         finally:
             self._replay = None
-        if track_load:
+        if track:
             self._log_load(self._load_counts)
+            self._log_update_mismatch(inputs)
             self._load_counts = None
         return loss
+
+    def _log_update_mismatch(self, inputs):
+        """In the forward that produces the gradient: how far its routing and log-probs are from the rollout's (the
+        policy may have moved since the rollout, num_iterations > 1, besides any precision gap). Zero routing
+        disagreement is what routing replay guarantees."""
+        metrics = self._metrics["train"]
+        mask = inputs["completion_mask"]
+        sampling = inputs.get("sampling_per_token_logps")
+        if self._loss_logps is not None and sampling is not None:
+            m = mask.bool() & ~torch.isnan(sampling)
+            if m.any():
+                metrics["mismatch/update_logp_absdiff_mean"].append((self._loss_logps - sampling)[m].abs().mean().item())
+        rollout = inputs.get("rollout_routing")
+        if rollout is None or not self._loss_routing:
+            return
+        n_layers = len(self._loss_routing)
+        train = torch.stack([torch.cat(self._loss_routing[i], dim=0) for i in range(n_layers)], dim=1)
+        if train.shape != rollout.shape:
+            return
+        valid = torch.cat([inputs["prompt_mask"], mask], dim=1).cpu().clone()
+        valid[:, -1] = 0  # the last sampled token never went through the rollout model
+        num_experts = self.accelerator.unwrap_model(self.model).config.num_experts
+        metrics["mismatch/update_routing_disagreement"].append(
+            routing_disagreement(rollout.cpu(), train, valid, num_experts)
+        )
 
     def _log_load(self, counts: torch.Tensor):
         if counts.sum() == 0:
@@ -734,7 +772,7 @@ class RLCurvesCallback(TrainerCallback):
         ("reward", "reward (mean)"),
         ("entropy", "policy entropy (nats/token)"),
         ("mismatch", "train vs rollout |delta log p|"),
-        ("masked", "clipped / masked fractions"),
+        ("masked", "clipped / masked / re-routed fractions"),
     )
 
     def __init__(self, trainer: RLTrainer | None = None):
@@ -787,6 +825,7 @@ def plot_rl_curves(runs: dict[str, list[dict[str, float]]], path: str) -> None:
         draw(axes[1, 0], "mismatch/replay_logp_absdiff_mean", f"{name}: replay", "--")
         draw(axes[1, 1], "clip_ratio/region_mean", f"{name}: clipped")
         draw(axes[1, 1], "misc/token_masked_frac", f"{name}: IcePop masked", "--")
+        draw(axes[1, 1], "mismatch/update_routing_disagreement", f"{name}: routing != rollout", ":")
     for ax, (_, title) in zip(axes.flat, RLCurvesCallback.PANELS):
         ax.set_title(title)
         ax.set_xlabel("step")

@@ -37,23 +37,39 @@ def _aligned(t: torch.Tensor) -> bool:
     return all(s == 1 or (s * t.element_size()) % 16 == 0 for s in t.stride())
 
 
-def _use_grouped_mm(driver: str, *tensors: torch.Tensor) -> bool:
+def use_grouped_mm(driver: str, groups: ExpertGroups, x_TD, gate_up_EDF2, down_EFD) -> bool:
+    """Decide once per call whether `F.grouped_mm` drives the matmuls (forward and backward alike).
+
+    It needs fp32/bf16/fp16 and 16-byte aligned rows; every intermediate is a fresh contiguous (rows, D), (rows, F)
+    or (rows, 2F) tensor, so checking the widths and the weights suffices. On CPU it runs one `mm` per expert,
+    empty or not (~4 ms per call for 64 experts at decode), so "auto" prefers the loop over the non-empty experts
+    when at most half of them have rows.
+    """
     if driver == "loop" or not hasattr(F, "grouped_mm"):
         return False
-    ok = all(t.dtype in _GROUPED_MM_DTYPES and _aligned(t) for t in tensors)
-    if driver == "grouped_mm" and not ok:
-        raise ValueError("matmul driver 'grouped_mm' needs fp32/bf16/fp16 inputs with 16-byte aligned strides")
+    itemsize = x_TD.element_size()
+    ok = (
+        x_TD.dtype in _GROUPED_MM_DTYPES
+        and gate_up_EDF2.dtype == down_EFD.dtype == x_TD.dtype
+        and (x_TD.shape[1] * itemsize) % 16 == 0
+        and (down_EFD.shape[1] * itemsize) % 16 == 0
+        and _aligned(gate_up_EDF2)
+        and _aligned(down_EFD)
+    )
+    if driver == "grouped_mm":
+        if not ok:
+            raise ValueError("matmul driver 'grouped_mm' needs fp32/bf16/fp16 inputs with 16-byte aligned strides")
+        return True
+    if ok and x_TD.device.type == "cpu":
+        active = int((groups.counts_E > 0).sum())
+        return 2 * active > groups.counts_E.shape[0]
     return ok
 
 
-def _int32_offsets(groups: ExpertGroups) -> torch.Tensor:
-    return groups.offsets_E.to(torch.int32)
-
-
-def grouped_matmul(a_SK: torch.Tensor, b_EKN: torch.Tensor, groups: ExpertGroups, driver: str = "auto") -> torch.Tensor:
+def grouped_matmul(a_SK: torch.Tensor, b_EKN: torch.Tensor, groups: ExpertGroups, grouped: bool) -> torch.Tensor:
     """Rows of expert e times `b_EKN[e]`: (S, K) x (E, K, N) -> (S, N), only the first `groups.num_valid` rows."""
-    if _use_grouped_mm(driver, a_SK, b_EKN):
-        return F.grouped_mm(a_SK, b_EKN, offs=_int32_offsets(groups))
+    if grouped:
+        return F.grouped_mm(a_SK, b_EKN, offs=groups.offsets_E.to(torch.int32))
     out_SN = a_SK.new_empty(a_SK.shape[0], b_EKN.shape[-1])
     start = 0
     for e, n in enumerate(groups.counts_E.tolist()):  # sync point: slice bounds on the host
@@ -63,14 +79,14 @@ def grouped_matmul(a_SK: torch.Tensor, b_EKN: torch.Tensor, groups: ExpertGroups
     return out_SN
 
 
-def grouped_matmul_tn(a_SM: torch.Tensor, b_SN: torch.Tensor, groups: ExpertGroups, driver: str = "auto") -> torch.Tensor:
+def grouped_matmul_tn(a_SM: torch.Tensor, b_SN: torch.Tensor, groups: ExpertGroups, grouped: bool) -> torch.Tensor:
     """Per-expert `a_e^T @ b_e` over each expert's rows (weight gradients): (S, M), (S, N) -> (E, M, N).
 
     Experts with no rows get zeros."""
     num_experts = groups.counts_E.shape[0]
     a_MS = a_SM.t()
-    if _use_grouped_mm(driver, a_MS, b_SN):
-        return F.grouped_mm(a_MS, b_SN, offs=_int32_offsets(groups))
+    if grouped:
+        return F.grouped_mm(a_MS, b_SN, offs=groups.offsets_E.to(torch.int32))
     out_EMN = a_SM.new_empty(num_experts, a_SM.shape[1], b_SN.shape[1])
     start = 0
     for e, n in enumerate(groups.counts_E.tolist()):  # sync point: slice bounds on the host
@@ -96,27 +112,28 @@ class SortedExpertsFunction(torch.autograd.Function):
         num_experts, _, two_f = gate_up_EDF2.shape
         inter = two_f // 2
         groups = group_by_expert(idx_TK, num_experts)
+        grouped = use_grouped_mm(driver, groups, x_TD, gate_up_EDF2, down_EFD)
         order_S, token_S = groups.valid_order, groups.valid_token
         out_TD = torch.zeros(num_tokens, hidden, dtype=_accumulate_dtype(x_TD.dtype), device=x_TD.device)
         h_SF2 = x_TD.new_empty(0, two_f)
         if groups.num_valid:
             x_SD = x_TD.index_select(0, token_S)
-            h_SF2 = grouped_matmul(x_SD, gate_up_EDF2, groups, driver)[: groups.num_valid]
+            h_SF2 = grouped_matmul(x_SD, gate_up_EDF2, groups, grouped)[: groups.num_valid]
             del x_SD
             w_S = w_TK.reshape(-1).index_select(0, order_S).to(x_TD.dtype)
             a_SF = F.silu(h_SF2[:, :inter])
             a_SF.mul_(h_SF2[:, inter:]).mul_(w_S[:, None])  # combine weight folded into the (S, F) activation
-            y_SD = grouped_matmul(a_SF, down_EFD, groups, driver)[: groups.num_valid]
+            y_SD = grouped_matmul(a_SF, down_EFD, groups, grouped)[: groups.num_valid]
             out_TD.index_add_(0, token_S, y_SD.to(out_TD.dtype))
         ctx.save_for_backward(x_TD, gate_up_EDF2, down_EFD, w_TK, h_SF2)
         ctx.groups = groups
-        ctx.driver = driver
+        ctx.grouped = grouped
         return out_TD.to(x_TD.dtype)
 
     @staticmethod
     def backward(ctx, dout_TD):
         x_TD, gate_up_EDF2, down_EFD, w_TK, h_SF2 = ctx.saved_tensors
-        groups, driver = ctx.groups, ctx.driver
+        groups, grouped = ctx.groups, ctx.grouped
         need_x, need_gu, need_down, _, need_w = ctx.needs_input_grad[:5]
         num_tokens, hidden = x_TD.shape
         num_experts, _, two_f = gate_up_EDF2.shape
@@ -137,7 +154,7 @@ class SortedExpertsFunction(torch.autograd.Function):
         dout_SD = dout_TD.contiguous().to(x_TD.dtype).index_select(0, token_S)
         w_S = w_TK.reshape(-1).index_select(0, order_S).to(x_TD.dtype)
 
-        g_SF = grouped_matmul(dout_SD, down_EFD.transpose(1, 2), groups, driver)[: groups.num_valid]
+        g_SF = grouped_matmul(dout_SD, down_EFD.transpose(1, 2), groups, grouped)[: groups.num_valid]
         gate_SF, up_SF = h_SF2[:, :inter], h_SF2[:, inter:]
         sig_SF = torch.sigmoid(gate_SF)
         silu_SF = gate_SF * sig_SF
@@ -150,7 +167,7 @@ class SortedExpertsFunction(torch.autograd.Function):
             dw_TK = dw_TK.view_as(w_TK)
         if need_down:
             a_SF.mul_(w_S[:, None])
-            d_down = grouped_matmul_tn(a_SF, dout_SD, groups, driver).to(down_EFD.dtype)
+            d_down = grouped_matmul_tn(a_SF, dout_SD, groups, grouped).to(down_EFD.dtype)
         del a_SF, dout_SD
         if need_x or need_gu:
             g_SF.mul_(w_S[:, None])  # now d a_SF
@@ -162,10 +179,10 @@ class SortedExpertsFunction(torch.autograd.Function):
             del dsilu_SF, sig_SF, silu_SF, g_SF
             if need_gu:
                 x_SD = x_TD.index_select(0, token_S)
-                d_gate_up = grouped_matmul_tn(x_SD, dh_SF2, groups, driver).to(gate_up_EDF2.dtype)
+                d_gate_up = grouped_matmul_tn(x_SD, dh_SF2, groups, grouped).to(gate_up_EDF2.dtype)
                 del x_SD
             if need_x:
-                dx_SD = grouped_matmul(dh_SF2, gate_up_EDF2.transpose(1, 2), groups, driver)[: groups.num_valid]
+                dx_SD = grouped_matmul(dh_SF2, gate_up_EDF2.transpose(1, 2), groups, grouped)[: groups.num_valid]
                 dx_TD = torch.zeros(num_tokens, hidden, dtype=_accumulate_dtype(x_TD.dtype), device=x_TD.device)
                 dx_TD.index_add_(0, token_S, dx_SD.to(dx_TD.dtype))
                 dx_TD = dx_TD.to(x_TD.dtype)

@@ -6,7 +6,7 @@ import pytest
 import torch
 from experts_cases import assert_matches, make_case, run_with_grads
 
-from modeling_ernie5.kernels.cpu import grouped_matmul, sorted_experts_forward
+from modeling_ernie5.kernels.cpu import grouped_matmul, grouped_matmul_tn, sorted_experts_forward, use_grouped_mm
 from modeling_ernie5.kernels.routing import group_by_expert
 from modeling_ernie5.moe import EXPERTS_BACKENDS, reference_experts_forward, resolve_experts_backend
 
@@ -15,7 +15,7 @@ def _cpu(driver):
     return lambda *args: sorted_experts_forward(*args, driver=driver)
 
 
-BACKENDS = {"cpu-auto": _cpu("auto"), "cpu-loop": _cpu("loop")}
+BACKENDS = {"cpu-auto": _cpu("auto"), "cpu-loop": _cpu("loop"), "cpu-grouped_mm": _cpu("grouped_mm")}
 TOL = {torch.float64: dict(rtol=1e-9, atol=1e-10), torch.float32: dict(rtol=2e-4, atol=2e-5)}
 
 SHAPES = [
@@ -35,6 +35,8 @@ SHAPES = [
 @pytest.mark.parametrize("name", sorted(BACKENDS))
 def test_backend_matches_reference(name, shape, dtype):
     *sizes, routing = shape
+    if name == "cpu-grouped_mm" and (dtype == torch.float64 or sizes[1] % 4 or sizes[2] % 4):
+        pytest.skip("torch's grouped_mm takes fp32/bf16 with 16-byte aligned rows only (auto falls back)")
     case = make_case(*sizes, dtype=dtype, routing=routing, seed=sum(sizes))
     want = run_with_grads(reference_experts_forward, *case)
     got = run_with_grads(BACKENDS[name], *case)
@@ -90,11 +92,27 @@ def test_grouped_matmul_drivers_agree_with_a_per_expert_loop():
     groups = group_by_expert(idx, 6)  # expert 5 never chosen
     a = torch.randn(groups.num_valid, 16, generator=gen)
     b = torch.randn(6, 16, 8, generator=gen)
-    want = torch.cat([a[s - n : s] @ b[e] for e, (n, s) in enumerate(zip(groups.counts_E.tolist(), groups.offsets_E.tolist()))])
-    for driver in ("grouped_mm", "loop"):
-        torch.testing.assert_close(grouped_matmul(a, b, groups, driver), want)
+    c = torch.randn(groups.num_valid, 8, generator=gen)
+    bounds = list(zip((groups.offsets_E - groups.counts_E).tolist(), groups.offsets_E.tolist()))
+    want = torch.cat([a[s:e] @ b[i] for i, (s, e) in enumerate(bounds)])
+    want_tn = torch.stack([a[s:e].t() @ c[s:e] for s, e in bounds])
+    for grouped in (True, False):
+        torch.testing.assert_close(grouped_matmul(a, b, groups, grouped), want)
+        torch.testing.assert_close(grouped_matmul_tn(a, c, groups, grouped), want_tn)
+    assert torch.all(want_tn[5] == 0)
+
+
+def test_matmul_driver_choice():
+    x, gate_up, down = torch.zeros(8, 32), torch.zeros(8, 32, 32), torch.zeros(8, 16, 32)
+    busy = group_by_expert(torch.arange(16).view(8, 2) % 8, 8)  # every expert has rows
+    sparse = group_by_expert(torch.zeros(8, 1, dtype=torch.long), 8)  # one expert of eight (decode-like)
+    assert use_grouped_mm("auto", busy, x, gate_up, down)
+    assert not use_grouped_mm("auto", sparse, x, gate_up, down)  # grouped_mm would visit all eight on CPU
+    assert use_grouped_mm("grouped_mm", sparse, x, gate_up, down)
+    assert not use_grouped_mm("loop", busy, x, gate_up, down)
+    assert not use_grouped_mm("auto", busy, x.double(), gate_up.double(), down.double())
     with pytest.raises(ValueError, match="16-byte"):
-        grouped_matmul(a.double(), b.double(), groups, "grouped_mm")
+        use_grouped_mm("grouped_mm", busy, torch.zeros(8, 30), gate_up, down)
 
 
 def test_routing_groups_put_sentinels_last_and_keep_token_order():

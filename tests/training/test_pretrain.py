@@ -149,7 +149,7 @@ def test_torchrun_two_cpu_processes(corpus, tmp_path):
     driver = tmp_path / "driver.py"
     driver.write_text(DDP_DRIVER.format(repo=str(REPO)))
     out = tmp_path / "ddp"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "0", str(driver),
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(driver),
            *base_args(corpus, out, max_steps=3, save_strategy="no", report_to="tensorboard")]  # fmt: skip
     result = subprocess.run(cmd, cwd=tmp_path, env=_env(), capture_output=True, text=True, timeout=400)
     assert result.returncode == 0, result.stderr[-4000:]
@@ -157,6 +157,8 @@ def test_torchrun_two_cpu_processes(corpus, tmp_path):
     summary = json.loads((out / "pretrain_summary.json").read_text())
     assert summary["world_size"] == 2 and summary["global_step"] == 3
     assert "loss_full" in summary and "expert_load_cv" in summary
+    # sub-models really ran next to the full model (several forwards before one backward on every rank)
+    assert summary["share_full"] < 1 and max(summary.get(f"share_{k}", 0) for k in ("depth", "width", "sparsity")) > 0
     assert list((out / "runs").rglob("events.out.tfevents*"))
 
 

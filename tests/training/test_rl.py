@@ -109,6 +109,11 @@ def test_grpo_with_misc_replay_wpsm_and_a_bf16_rollout(model_dir, tokenizer, dat
         values = logged(trainer, key)
         assert values and all(v == v for v in values), key  # present and not NaN
     assert logged(trainer, "mismatch/logp_absdiff_mean")[0] > 0  # bf16 rollout vs fp32 training: a real gap
+    # every update forward routed exactly as the rollout did
+    assert logged(trainer, "mismatch/update_routing_disagreement") and not any(
+        logged(trainer, "mismatch/update_routing_disagreement")
+    )
+    assert logged(trainer, "mismatch/update_logp_absdiff_mean")
     changed = [k for k, v in trainer.model.state_dict().items() if k in before and not torch.equal(v, before[k])]
     assert any("experts" in k for k in changed) and any("gate.weight" in k for k in changed)
 
