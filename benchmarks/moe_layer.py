@@ -15,8 +15,8 @@ fair-measurement recipe of ../shared/research/moe_kernels.md §4.2:
   inside the timed region of both blocks but is not counted;
 - "dense" is the same six GEMMs (forward: 2, backward: 4) with one shared weight instead of per-expert ones:
   the matmul rate this machine reaches on equal FLOPs, the yardstick for "fraction of dense";
-- peak memory is the process's resident high-water mark above the starting point during one forward+backward
-  (Linux `/proc/self/clear_refs`), since PyTorch's CPU allocator has no peak counter.
+- peak memory is the peak of PyTorch allocations during one forward+backward above what was live before
+  (profiler allocation events; gradients of the parameters included).
 
 Usage:
     python benchmarks/moe_layer.py --quick                 # target shape, fp32 + bf16, a few rounds
@@ -65,24 +65,21 @@ def load_average() -> float:
     return os.getloadavg()[0]
 
 
-def _rss_kib(field: str) -> int:
-    with open("/proc/self/status") as fh:
-        for line in fh:
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    raise RuntimeError(f"{field} missing from /proc/self/status")
+def peak_extra_mib(fn) -> float:
+    """Peak of the memory PyTorch allocates while `fn` runs, above what was live before, in MiB.
 
+    Read from the profiler's allocation events (CPU has no allocator peak counter, and the process RSS high-water
+    mark is blurred by glibc keeping freed blocks)."""
+    from torch.profiler import ProfilerActivity, profile
 
-def peak_extra_mib(fn) -> float | None:
-    """Resident-memory high-water mark above the current level while `fn` runs, in MiB (None if unsupported)."""
-    try:
-        with open("/proc/self/clear_refs", "w") as fh:
-            fh.write("5")  # resets VmHWM to the current RSS
-    except OSError:
-        return None
-    before = _rss_kib("VmRSS")
-    fn()
-    return (_rss_kib("VmHWM") - before) / 1024
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    events = [e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"]
+    live = peak = 0
+    for event in sorted(events, key=lambda e: e.start_ns()):
+        live += event.nbytes()
+        peak = max(peak, live)
+    return peak / 2**20
 
 
 def build_blocks(shape: dict, dtype: torch.dtype, seed: int = 0):
@@ -124,6 +121,7 @@ class Candidate:
 
 
 def candidates(ernie, qwen, tokens: int, shape: dict, dtype: torch.dtype, include_slow: bool):
+    """Timed implementations; with `include_slow=False` the reference loop and transformers' eager are left out."""
     out = []
 
     def ours(backend):
@@ -223,9 +221,10 @@ def bench_point(shape_name: str, tokens: int, dtype: torch.dtype, rounds: int, i
             times["dense"]["fwd"].append(tf)
             times["dense"]["fwd_bwd"].append(tb)
     peaks = {}
-    if memory:
-        for c in cands:
-            peaks[c.name] = peak_extra_mib(lambda: forward_backward(c))
+    if memory:  # one forward+backward each, the untimed slow candidates included (the reference is the bar)
+        for c in candidates(ernie, qwen, tokens, shape, dtype, include_slow=True):
+            if c.name != "qwen3:batched_mm":
+                peaks[c.name] = peak_extra_mib(lambda: forward_backward(c))
             c.module.zero_grad(set_to_none=True)
     flops = {"fwd": 6 * tokens * shape["top_k"] * shape["hidden"] * shape["inter"]}
     flops["fwd_bwd"] = 3 * flops["fwd"]
@@ -235,13 +234,17 @@ def bench_point(shape_name: str, tokens: int, dtype: torch.dtype, rounds: int, i
         for phase in ("fwd", "fwd_bwd"):
             med = statistics.median(t[phase])
             row[phase] = {"median_s": med, "min_s": min(t[phase]), "gflops": flops[phase] / med / 1e9, "runs": t[phase]}
-        row["peak_extra_mib"] = peaks.get(name)
+        row["peak_extra_mib"] = peaks.pop(name, None)
         row["rel_err_vs_qwen3_grouped_mm"] = parity.get(name)
         rows[name] = row
+    for name, peak in peaks.items():  # measured for memory only, not timed
+        rows[name] = {"peak_extra_mib": peak, "rel_err_vs_qwen3_grouped_mm": None}
     for phase in ("fwd", "fwd_bwd"):
-        hf_best = min(rows[n][phase]["median_s"] for n in rows if n.startswith("qwen3:"))
+        hf_best = min(rows[n][phase]["median_s"] for n in rows if n.startswith("qwen3:") and phase in rows[n])
         dense = rows["dense"][phase]["median_s"]
         for name, row in rows.items():
+            if phase not in row:
+                continue
             row[phase]["speedup_vs_hf_best"] = hf_best / row[phase]["median_s"]
             row[phase]["fraction_of_dense"] = dense / row[phase]["median_s"]
     return {
@@ -266,8 +269,11 @@ def print_table(point: dict) -> None:
     head = f"{'impl':<18}{'fwd ms':>9}{'GF/s':>8}{'xHF':>7}{'%dense':>8}{'f+b ms':>10}{'GF/s':>8}{'xHF':>7}{'%dense':>8}{'peak MiB':>10}{'relerr':>9}"
     print(head)
     for name, row in point["results"].items():
-        f, b = row["fwd"], row["fwd_bwd"]
         peak = row["peak_extra_mib"]
+        if "fwd" not in row:
+            print(f"{name:<18}{'(memory only, not timed)':>75}{peak:>10.0f}")
+            continue
+        f, b = row["fwd"], row["fwd_bwd"]
         err = row["rel_err_vs_qwen3_grouped_mm"]
         print(
             f"{name:<18}{f['median_s'] * 1e3:>9.1f}{f['gflops']:>8.1f}{f['speedup_vs_hf_best']:>7.2f}"
@@ -289,8 +295,8 @@ def plot(points: list[dict], path: Path) -> None:
         pts = sorted((p for p in points if (p["shape"], p["dtype"]) == (shape, dtype)), key=lambda p: p["tokens"])
         names = sorted({n for p in pts for n in p["results"]})
         for name in names:
-            xs = [p["tokens"] for p in pts if name in p["results"]]
-            ys = [p["results"][name]["fwd_bwd"]["gflops"] for p in pts if name in p["results"]]
+            xs = [p["tokens"] for p in pts if "fwd_bwd" in p["results"].get(name, {})]
+            ys = [p["results"][name]["fwd_bwd"]["gflops"] for p in pts if "fwd_bwd" in p["results"].get(name, {})]
             ax.plot(xs, ys, "--" if name == "dense" else "-o", label=name)
         ax.set_xscale("log", base=2)
         ax.set_xlabel("tokens T")
@@ -305,13 +311,14 @@ def plot(points: list[dict], path: Path) -> None:
 
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--quick", action="store_true", help="target shape at T=4096 only, 3 rounds")
+    parser.add_argument("--quick", action="store_true",
+                        help="target shape at T=4096 only, 3 rounds, reference and eager measured for memory only")
     parser.add_argument("--shapes", nargs="+", choices=sorted(SHAPES), default=None)
     parser.add_argument("--tokens", nargs="+", type=int, default=None)
     parser.add_argument("--dtypes", nargs="+", choices=["float32", "bfloat16"], default=["float32", "bfloat16"])
     parser.add_argument("--rounds", type=int, default=None, help="timed rounds per point (after one warm-up)")
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--slow-up-to", type=int, default=4096,
+    parser.add_argument("--slow-up-to", type=int, default=None,
                         help="run the reference loop and transformers' eager only up to this many tokens")
     parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory pass")
     parser.add_argument("--out", type=Path, default=RESULTS / "moe_layer.json")
@@ -321,12 +328,13 @@ def main(argv=None) -> dict:
     shapes = args.shapes or (["target"] if args.quick else ["target", "ablation"])
     tokens = args.tokens or ([4096] if args.quick else [512, 2048, 4096, 8192])
     rounds = args.rounds or (3 if args.quick else 5)
+    slow_up_to = args.slow_up_to if args.slow_up_to is not None else (0 if args.quick else 2048)
     from tqdm import tqdm
 
     plan = [(s, t, d) for s in shapes for t in tokens for d in args.dtypes if not (s == "ablation" and t == 4096)]
     points = []
     for shape, t, dtype in tqdm(plan, desc="moe_layer", unit="point"):
-        point = bench_point(shape, t, getattr(torch, dtype), rounds, t <= args.slow_up_to, not args.no_memory)
+        point = bench_point(shape, t, getattr(torch, dtype), rounds, t <= slow_up_to, not args.no_memory)
         print_table(point)
         points.append(point)
     report = {

@@ -82,26 +82,39 @@ def supervised_pass(model, tokenizer, rows, steps, batch_size, lr, seed):
     return losses
 
 
-def greedy_accuracy(model, tokenizer, rows, batch_size=64):
-    """Share of held-out questions answered correctly with greedy decoding (the toy world's strict checker)."""
+def evaluate(model, tokenizer, rows, samples=4, batch_size=64, seed=0):
+    """Held-out scores with the toy world's strict checker: greedy accuracy (overall and per question kind) and the
+    mean reward of `samples` sampled answers per question at temperature 1 (what RL optimises, measured on fixed
+    questions so that batch composition does not move it)."""
     import torch
 
     from training.rewards import toy_world_reward
 
     model.eval()
-    correct = 0
+    torch.manual_seed(seed)
+    greedy, sampled, per_kind = [], [], {}
     for start in range(0, len(rows), batch_size):
         chunk = rows[start : start + batch_size]
         enc = tokenizer([r["prompt"] for r in chunk], return_tensors="pt", padding=True, add_special_tokens=False)
+        columns = {k: [r[k] for r in chunk] for k in ("question", "answer", "kind")}
         with torch.no_grad():
             out = model.generate(**enc, max_new_tokens=4, do_sample=False, pad_token_id=tokenizer.pad_token_id)
-        texts = tokenizer.batch_decode(out[:, enc["input_ids"].shape[1] :], skip_special_tokens=True)
-        rewards = toy_world_reward(
-            texts, question=[r["question"] for r in chunk], answer=[r["answer"] for r in chunk],
-            kind=[r["kind"] for r in chunk],
-        )  # fmt: skip
-        correct += sum(rewards)
-    return correct / len(rows)
+            texts = tokenizer.batch_decode(out[:, enc["input_ids"].shape[1] :], skip_special_tokens=True)
+            rewards = toy_world_reward(texts, **columns)
+            greedy += rewards
+            for row, reward in zip(chunk, rewards):
+                per_kind.setdefault(row["kind"], []).append(reward)
+            out = model.generate(
+                **enc, max_new_tokens=4, do_sample=True, temperature=1.0, top_k=0, top_p=1.0,
+                num_return_sequences=samples, pad_token_id=tokenizer.pad_token_id,
+            )  # fmt: skip
+            texts = tokenizer.batch_decode(out[:, enc["input_ids"].shape[1] :], skip_special_tokens=True)
+            sampled += toy_world_reward(texts, **{k: [v for v in vs for _ in range(samples)] for k, vs in columns.items()})
+    return {
+        "greedy_accuracy": sum(greedy) / len(greedy),
+        "sampled_reward": sum(sampled) / len(sampled),
+        "greedy_accuracy_by_kind": {k: round(sum(v) / len(v), 3) for k, v in sorted(per_kind.items())},
+    }
 
 
 def run_rl(name, sft_dir, tokenizer, train_ds, eval_rows, args, steps, stabilised):
@@ -152,15 +165,17 @@ def run_rl(name, sft_dir, tokenizer, train_ds, eval_rows, args, steps, stabilise
     history = [h for h in trainer.state.log_history if "loss" in h and "train_runtime" not in h]
     return {
         "seconds": round(seconds, 1),
-        "eval_accuracy": greedy_accuracy(policy, tokenizer, eval_rows),
+        "eval": evaluate(policy, tokenizer, eval_rows),
         "history": history,
     }
 
 
-def summarise(history, key, n=5):
+def summarise(history, key):
+    """Mean of the first and last third of a logged series (and of all of it)."""
     values = [h[key] for h in history if key in h and h[key] == h[key]]
     if not values:
         return None
+    n = max(1, len(values) // 3)
     head, tail = values[:n], values[-n:]
     return {"first": sum(head) / len(head), "last": sum(tail) / len(tail), "mean": sum(values) / len(values)}
 
@@ -204,15 +219,15 @@ def main():
         sft_dir = os.path.join(args.output_dir, "sft")
         model.save_pretrained(sft_dir)
         tokenizer.save_pretrained(sft_dir)
-    sft_accuracy = greedy_accuracy(model, tokenizer, eval_rows)
-    print(f"SFT: {sft_steps} steps, {time.time() - t0:.0f}s, final loss {sft_losses[-1]:.3f}, held-out acc {sft_accuracy:.3f}")
+    sft_eval = evaluate(model, tokenizer, eval_rows)
+    print(f"SFT: {sft_steps} steps, {time.time() - t0:.0f}s, final loss {sft_losses[-1]:.3f}, held-out {sft_eval}")
 
-    results = {"sft": {"steps": sft_steps, "final_loss": sft_losses[-1], "eval_accuracy": sft_accuracy}}
+    results = {"sft": {"steps": sft_steps, "final_loss": sft_losses[-1], "eval": sft_eval}}
     for name, stabilised in (("baseline", False), ("misc_replay", True)):
         results[name] = run_rl(name, sft_dir, tokenizer, rl_ds, eval_rows, args, rl_steps, stabilised)
         r = results[name]
         print(
-            f"{name}: {r['seconds']}s, reward {summarise(r['history'], 'reward')}, held-out acc {r['eval_accuracy']:.3f}"
+            f"{name}: {r['seconds']}s, reward {summarise(r['history'], 'reward')}, held-out {r['eval']}"
         )
 
     summary = {}
@@ -224,9 +239,11 @@ def main():
                 "reward", "entropy", "mismatch/logp_absdiff_mean", "mismatch/replay_logp_absdiff_mean",
                 "mismatch/logp_absdiff_max", "mismatch/replay_logp_absdiff_max", "mismatch/routing_disagreement",
                 "misc/token_masked_frac", "clip_ratio/region_mean", "moe/load_max_over_uniform",
+                "mismatch/update_logp_absdiff_mean", "mismatch/update_routing_disagreement",
             )  # fmt: skip
         }
-        summary[name]["eval_accuracy"] = results[name]["eval_accuracy"]
+        summary[name]["eval"] = results[name]["eval"]
+    summary["sft_eval"] = results["sft"]["eval"]
     results["summary"] = summary
     with open(os.path.join(args.output_dir, "rl_toy_results.json"), "w") as f:
         json.dump(results, f, indent=1)

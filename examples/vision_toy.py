@@ -40,7 +40,12 @@ def parse_args(argv=None):
     p.add_argument("--eval_scenes", type=int, default=150)
     p.add_argument("--gen_per_prompt", type=int, default=3, help="images per (colour, shape) prompt")
     p.add_argument("--guidance_scale", type=float, default=3.0)
+    p.add_argument("--image_size", type=int, default=16, help="side of the images the model sees and draws")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--threads", type=int, default=1,
+        help="torch intra-op threads; these tiny kernels run several times faster on one thread than on two shared cores",
+    )  # fmt: skip
     return p.parse_args(argv)
 
 
@@ -74,7 +79,7 @@ def build_generation_batch(processor, seeds, rng: random.Random, cfg_dropout: fl
 
     texts, targets = [], []
     for s in seeds:
-        image, scene = draw_scene(s, size=32, max_shapes=1)
+        image, scene = draw_scene(s, size=processor.image_processor.size, max_shapes=1)
         prompt = "" if rng.random() < cfg_dropout else f"draw {caption(scene)}"
         texts.append(f"{prompt}<|image_gen|>")
         targets.append(image)
@@ -100,6 +105,7 @@ def answer_questions(model, processor, items, batch_size=32, max_new_tokens=3):
 def main(argv=None) -> dict:
     args = parse_args(argv)
     os.makedirs(args.output_dir, exist_ok=True)
+    torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
     rng = random.Random(args.seed)
     t0 = time.time()
@@ -121,8 +127,11 @@ def main(argv=None) -> dict:
 
     # 1. Visual tokenizer.
     vt_args = VisualTokenizerTrainingArguments(
-        output_dir=os.path.join(args.output_dir, "visual_tokenizer"), max_steps=args.tokenizer_steps, seed=args.seed
-    )
+        output_dir=os.path.join(args.output_dir, "visual_tokenizer"), max_steps=args.tokenizer_steps, seed=args.seed,
+        image_size=args.image_size, learning_rate=3e-3,
+        # One halving per level after the first: an 8x8 token grid for 16-pixel images (1, 2, 4, 8 scales).
+        channel_multipliers="1,2" if args.image_size == 16 else "1,2,2",
+    )  # fmt: skip
     visual_tokenizer, vt_metrics = train_tokenizer(vt_args)
     os.replace(os.path.join(vt_args.output_dir, "recon.png"), os.path.join(args.output_dir, "tokenizer_recon.png"))
     print(f"visual tokenizer: held-out PSNR {vt_metrics['psnr_db']:.2f} dB")
@@ -134,7 +143,7 @@ def main(argv=None) -> dict:
         corpus.append(caption(scene))
         corpus += [f"Q: {qa.question} A: {qa.answer}" for qa in make_questions(scene, rng)]
     text_tokenizer = add_vision_tokens(train_text_tokenizer(corpus, vocab_size=320))
-    processor = Ernie5Processor(Ernie5ImageProcessor(size=32), text_tokenizer)
+    processor = Ernie5Processor(Ernie5ImageProcessor(size=args.image_size), text_tokenizer)
 
     # 3. Model.
     vision = Ernie5VisionConfig(tokenizer_config=visual_tokenizer.config.to_dict())
@@ -228,7 +237,7 @@ def main(argv=None) -> dict:
     shape_hits = sum(classify_shape(im) == k for im, (_, k) in zip(images, prompts))
     both_hits = sum(dominant_color(im) == c and classify_shape(im) == k for im, (c, k) in zip(images, prompts))
     # Ceiling: the same checkers on tokenizer reconstructions of real single-shape images.
-    real = [draw_scene(9_000_000 + i, size=32, max_shapes=1) for i in range(len(prompts))]
+    real = [draw_scene(9_000_000 + i, size=args.image_size, max_shapes=1) for i in range(len(prompts))]
     with torch.no_grad():
         px = processor.image_processor([im for im, _ in real], return_tensors="pt")["pixel_values"]
         recon = processor.image_processor.postprocess(visual_tokenizer.decode(visual_tokenizer.encode(px)))

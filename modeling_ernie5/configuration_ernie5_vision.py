@@ -120,7 +120,8 @@ class Ernie5VisionConfig(PretrainedConfig):
     Args:
         vit_config (`dict` or `PretrainedConfig`, *optional*):
             Config of any transformers vision encoder whose model returns `last_hidden_state` of patch features
-            (SigLIP, ViT, CLIP vision, ...); a dict needs its `model_type`. Defaults to a tiny SigLIP encoder.
+            (SigLIP, ViT, CLIP vision, ...); a dict needs its `model_type`. Defaults to a tiny SigLIP encoder whose
+            patch grid matches the tokenizer's latent grid.
             Its patch grid must equal the tokenizer's latent grid so both feature paths align patch by patch.
         tokenizer_config (`dict` or `Ernie5VisualTokenizerConfig`, *optional*): the visual tokenizer.
         merge_size (`int`, *optional*, defaults to 2): the patch merger fuses `merge_size ** 2` (K = 4 for images)
@@ -164,7 +165,8 @@ class Ernie5VisionConfig(PretrainedConfig):
             if model_type is None:
                 raise ValueError("Ernie5VisionConfig.vit_config given as a dict needs a 'model_type' key")
             vit_config = AutoConfig.for_model(model_type, **fields)
-        self.vit_config = vit_config or tiny_vit_config(self.tokenizer_config.image_size)
+        tok = self.tokenizer_config
+        self.vit_config = vit_config or tiny_vit_config(tok.image_size, tok.image_size // tok.latent_size)
         self.merge_size = merge_size
         self.merger_num_heads = merger_num_heads
         self.bit_flip_prob = bit_flip_prob

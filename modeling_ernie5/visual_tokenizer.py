@@ -2,7 +2,7 @@
 
 A causal convolutional encoder/decoder (3D convolutions padded only towards the past in time, so an image is a
 one-frame video and the same weights extend to video) with Infinity-style multi-scale residual bitwise
-quantisation: the latent map is quantised scale by scale from a 1x1 grid up to the full latent grid; at every
+quantisation: the latent map (standardised per frame and channel) is quantised scale by scale from a 1x1 grid up to the full latent grid; at every
 scale each token is a group of `codebook_bits` signs (vocabulary 2^bits) of the area-downsampled residual left
 by the coarser scales, times a learned per-scale magnitude. Decoding sums the upsampled scales and runs the
 decoder, so `decode(encode(x))` reconstructs `x`.
@@ -267,6 +267,14 @@ class Ernie5VisualTokenizer(PreTrainedModel):
         b, c, t, h, w = x_BCThw.shape
         return x_BCThw.permute(0, 2, 1, 3, 4).reshape(b * t, c, h, w)
 
+    def _standardise(self, z_BDThw: torch.Tensor) -> torch.Tensor:
+        """Per frame and channel, zero mean and unit variance over the grid before quantisation.
+
+        Without it many bits start (and stay) constant across a frame, and sign quantisation passes no spatial
+        information through them; standardised, every bit splits a frame's tokens about evenly from the start.
+        """
+        return F.instance_norm(self._frames(z_BDThw))
+
     def encode_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """Encoder features before quantisation, (B*T, C_feat, h, w): the CNN path of image understanding."""
         feats, _, _ = self._latent(pixel_values)
@@ -275,7 +283,7 @@ class Ernie5VisualTokenizer(PreTrainedModel):
     def encode(self, pixel_values: torch.Tensor) -> list[torch.Tensor]:
         """Pixels in [-1, 1] -> per-scale bit tokens, each (B*T, s, s, codebook_bits) uint8."""
         _, z, _ = self._latent(pixel_values)
-        _, bits = self.quantizer(self._frames(z))
+        _, bits = self.quantizer(self._standardise(z))
         return bits
 
     def decode(self, bits: list[torch.Tensor]) -> torch.Tensor:
@@ -307,7 +315,7 @@ class Ernie5VisualTokenizer(PreTrainedModel):
 
     def forward(self, pixel_values: torch.Tensor, return_dict: bool = True, **kwargs) -> Ernie5VisualTokenizerOutput:
         _, z, is_image = self._latent(pixel_values)
-        z = self._frames(z)
+        z = self._standardise(z)
         quantised, bits = self.quantizer(z)
         recon = self.decoder(quantised.unsqueeze(2)).squeeze(2)
         target = self._frames(self._as_video(pixel_values)[0])

@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import sys
 import time
@@ -438,7 +437,8 @@ def plot_elastic_losses(log_history: list[dict], path: str) -> None:
     ax.set_xlabel("optimiser step")
     ax.set_ylabel("next-token loss")
     ax.set_title("training loss by sub-model kind")
-    ax.legend()
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
@@ -474,6 +474,11 @@ def train(cfg: PretrainConfig, callbacks: list | None = None) -> dict:
     from transformers import DataCollatorForLanguageModeling, set_seed
     from transformers.trainer_utils import get_last_checkpoint
 
+    if cfg.elastic and not cfg.elastic_anchor_full and cfg.world_size > 1:
+        raise ValueError(
+            "elastic_anchor_full=false cannot run data-parallel: a micro-batch without a full-configuration sample "
+            "leaves skipped layers without gradients, which DDP/FSDP (without unused-parameter search) cannot reduce"
+        )
     set_seed(cfg.seed)
     tokenizer, train_ds, val_ds = build_datasets(cfg)
     model = build_model(cfg, tokenizer)
@@ -549,7 +554,8 @@ def run_elastic_demo(output_dir: str = "outputs/elastic_demo", minutes: float = 
 
     cfg = PretrainConfig(
         output_dir=output_dir,
-        max_steps=100_000,  # the time limit ends training
+        # The time limit ends training; this cap (>= 1 s per step on CPU) only keeps the progress bar meaningful.
+        max_steps=max(10, int(minutes * 60)),
         max_train_minutes=minutes,
         per_device_train_batch_size=16,
         per_device_eval_batch_size=16,
@@ -604,8 +610,9 @@ def run_elastic_demo(output_dir: str = "outputs/elastic_demo", minutes: float = 
         "minutes": round((time.time() - t0) / 60, 2),
     }
     print(
-        f"[elastic demo] trained {summary['global_step']} steps; sub-model {src['layers']} layers-kept, "
-        f"{reloaded.config.num_experts} experts, top-1: {src['active_fraction']:.0%} active / "
+        f"[elastic demo] trained {summary['global_step']} steps; sub-model: layers {src['layers']} of "
+        f"{c.num_hidden_layers}, {reloaded.config.num_experts} of {c.num_experts} experts, top-1: "
+        f"{src['active_fraction']:.0%} active / "
         f"{src['total_fraction']:.0%} total params; val loss {result['val_loss_full']:.3f} (full) vs "
         f"{result['val_loss_submodel']:.3f} (sub-model); reloaded with trust_remote_code from {sub_dir}"
     )

@@ -449,6 +449,8 @@ class RLTrainer(GRPOTrainer):
             self._rollout_generation_config = copy_module.deepcopy(self.generation_config)
             self._rollout_generation_config.output_logits = True
             self._rollout_generation_config.return_dict_in_generate = True
+            # TRL turns `use_cache` off in the model config; a rollout engine decodes with its KV cache.
+            self._rollout_generation_config.use_cache = True
         with torch.no_grad(), eval_mode(model), recorder:
             out = model.generate(input_ids=ids, attention_mask=mask, generation_config=self._rollout_generation_config)
         completion = out.sequences[:, ids.shape[1] :]

@@ -261,7 +261,8 @@ def assemble_rollout_routing(
 
     Args:
         prefill (sequence of `torch.Tensor`): per MoE layer, (B, P_rollout, K) indices of the prefill call.
-        steps (sequence of sequences of `torch.Tensor`): per decode call, per MoE layer, (B, K) or (B, 1, K) indices.
+        steps (sequence of sequences of `torch.Tensor`): per decode call, per MoE layer, (B, K) or (B, L, K) indices
+            (the last of the L positions is the newly processed token).
         rollout_prompt_mask (`torch.Tensor` of shape `(B, P_rollout)`): attention mask used in generation.
         train_prompt_mask (`torch.Tensor` of shape `(B, P_train)`): prompt mask of the training layout.
         completion_length (`int`): completion positions T of the training layout.
@@ -289,7 +290,9 @@ def assemble_rollout_routing(
     n_steps = min(len(steps), completion_length)
     for m in range(n_steps):
         for layer in range(n_layers):
-            out[:, layer, p_train + m] = steps[m][layer].reshape(batch, top_k).cpu()
+            step = steps[m][layer]
+            # (B, K), or (B, L, K) from a forward over L positions (no KV cache): the new token is the last one.
+            out[:, layer, p_train + m] = (step[:, -1] if step.dim() == 3 else step).cpu()
     return out
 
 

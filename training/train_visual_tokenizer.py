@@ -35,6 +35,9 @@ class VisualTokenizerTrainingArguments:
     image_size: int = field(default=32, metadata={"help": "square image side"})
     codebook_bits: int = field(default=8, metadata={"help": "bits per token (vocabulary 2^bits)"})
     base_channels: int = field(default=16, metadata={"help": "channels of the first convolution"})
+    channel_multipliers: str = field(
+        default="1,2,2", metadata={"help": "comma-separated multiplier per level; each level after the first halves the grid"}
+    )
     max_steps: int = field(default=300, metadata={"help": "optimizer steps"})
     batch_size: int = field(default=32, metadata={"help": "images per step"})
     learning_rate: float = field(default=2e-3, metadata={"help": "AdamW peak learning rate (cosine decay)"})
@@ -104,7 +107,10 @@ def train(args: VisualTokenizerTrainingArguments, progress: bool = True):
     torch.manual_seed(args.seed)
     rng = random.Random(args.seed)
     config = Ernie5VisualTokenizerConfig(
-        image_size=args.image_size, codebook_bits=args.codebook_bits, base_channels=args.base_channels
+        image_size=args.image_size,
+        codebook_bits=args.codebook_bits,
+        base_channels=args.base_channels,
+        channel_multipliers=[int(m) for m in args.channel_multipliers.split(",")],
     )
     model = Ernie5VisualTokenizer(config)
     opt = torch.optim.AdamW(model.parameters(), lr=args.learning_rate, betas=(0.9, 0.99))

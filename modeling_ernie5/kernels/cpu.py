@@ -173,7 +173,7 @@ class SortedExpertsFunction(torch.autograd.Function):
             g_SF.mul_(w_S[:, None])  # now d a_SF
             dh_SF2 = h_SF2.new_empty(groups.num_valid, two_f)
             torch.mul(g_SF, silu_SF, out=dh_SF2[:, inter:])
-            # silu'(g) = s * (1 + g * (1 - s)), built in place in the sigmoid buffer
+            # silu'(g) = s * (1 + g * (1 - s)), in one buffer with in-place steps
             dsilu_SF = torch.neg(sig_SF).add_(1).mul_(gate_SF).add_(1).mul_(sig_SF)
             torch.mul(g_SF, up_SF, out=dh_SF2[:, :inter]).mul_(dsilu_SF)
             del dsilu_SF, sig_SF, silu_SF, g_SF

@@ -142,7 +142,8 @@ def test_assemble_rollout_routing_lays_out_prefill_and_decode_steps():
     rollout_mask = torch.tensor([[1, 1, 1], [0, 1, 1]])
     # Training layout pads prompts to width 4.
     train_mask = torch.tensor([[0, 1, 1, 1], [0, 0, 1, 1]])
-    steps = [[torch.tensor([[3, 4], [5, 6]])], [torch.tensor([[[7, 0]], [[0, 7]]])]]  # two decode calls
+    # two decode calls: one with a KV cache (B, K), one recomputing 2 positions without a cache (B, 2, K)
+    steps = [[torch.tensor([[3, 4], [5, 6]])], [torch.tensor([[[1, 1], [7, 0]], [[1, 1], [0, 7]]])]]
     out = assemble_rollout_routing(prefill, steps, rollout_mask, train_mask, completion_length=3, num_experts=E)
     assert out.shape == (2, 1, 4 + 3, K)
     assert out[0, 0].tolist() == [[8, 8], [0, 1], [2, 3], [4, 5], [3, 4], [7, 0], [8, 8]]
