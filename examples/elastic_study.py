@@ -37,6 +37,16 @@ SETTINGS = [  # (label, layers, experts, top_k) for the 4-layer / 16-expert / to
     ("all three (3 layers, 8 experts, top-1)", 3, 8, 1),
 ]
 
+# Trained variants: None = the non-elastic baseline; a dict = elastic with these config overrides. The single-axis
+# variants mirror the paper's separate ablations (Table 9 depth, Table 10 width, Table 11 sparsity).
+VARIANTS = {
+    "baseline": None,
+    "elastic": {},
+    "elastic_depth": {"elastic_width_full_prob": 1.0, "elastic_topk_full_prob": 1.0},
+    "elastic_width": {"elastic_depth_full_prob": 1.0, "elastic_topk_full_prob": 1.0},
+    "elastic_sparsity": {"elastic_depth_full_prob": 1.0, "elastic_width_full_prob": 1.0},
+}
+
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -47,20 +57,31 @@ def parse_args(argv=None):
     p.add_argument("--learning_rate", type=float, default=3e-3)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--val_blocks", type=int, default=120, help="validation blocks scored per setting")
-    return p.parse_args(argv)
+    p.add_argument(
+        "--variants", nargs="+", default=["baseline", "elastic"], choices=list(VARIANTS),
+        help="models to train: the baseline and elastic (all three axes) by default; the paper's per-axis ablations "
+             "with: baseline elastic_depth elastic_width elastic_sparsity",
+    )  # fmt: skip
+    args = p.parse_args(argv)
+    if "baseline" not in args.variants or len(args.variants) < 2:
+        p.error("--variants needs 'baseline' and at least one elastic variant")
+    return args
 
 
-def study_table(baseline: list[dict], elastic: list[dict]) -> str:
+def study_table(series: dict[str, list[dict]]) -> str:
+    """Validation loss per inference setting (rows) and trained model (columns); elastic cells show the change
+    relative to the baseline at the same setting."""
+    names = [n for n in series if n != "baseline"]
     lines = [
-        "| inference setting | active / full params | total / full params | baseline val loss | elastic val loss "
-        "| elastic - baseline |",
-        "|---|---|---|---|---|---|",
+        "| inference setting | active / full params | total / full params | baseline | " + " | ".join(names) + " |",
+        "|---|---|---|---|" + "---|" * len(names),
     ]
-    for (label, *_), b, e in zip(SETTINGS, baseline, elastic):
-        delta = e["val_loss"] - b["val_loss"]
+    for i, (label, *_) in enumerate(SETTINGS):
+        b = series["baseline"][i]
+        cells = [f"{series[n][i]['val_loss']:.3f} ({series[n][i]['val_loss'] / b['val_loss'] - 1:+.1%})" for n in names]
         lines.append(
-            f"| {label} | {e['active_fraction']:.0%} | {e['total_fraction']:.0%} | {b['val_loss']:.3f} | {e['val_loss']:.3f} | "
-            f"{delta:+.3f} ({delta / b['val_loss']:+.1%}) |"
+            f"| {label} | {b['active_fraction']:.0%} | {b['total_fraction']:.0%} | {b['val_loss']:.3f} | "
+            + " | ".join(cells) + " |"
         )
     return "\n".join(lines) + "\n"
 
@@ -79,11 +100,14 @@ def main(argv=None) -> dict:
     os.makedirs(args.output_dir, exist_ok=True)
     runs = {}
     tokenizer_dir = None
-    for name, elastic in (("elastic", True), ("baseline", False)):
+    for name in sorted(args.variants, key=lambda n: n == "baseline"):  # an elastic run trains the tokenizer
         out = os.path.join(args.output_dir, name)
+        model_overrides = dict(hidden_size=128, head_dim=32, moe_intermediate_size=64, num_experts=16,
+                               num_experts_per_tok=2, router_bias_update_rate=1e-3)  # fmt: skip
+        model_overrides.update(VARIANTS[name] or {})
         cfg = PretrainConfig(
             output_dir=out,
-            elastic=elastic,
+            elastic=VARIANTS[name] is not None,
             max_steps=args.max_steps,
             per_device_train_batch_size=args.batch_size,
             learning_rate=args.learning_rate,
@@ -99,11 +123,8 @@ def main(argv=None) -> dict:
             seed=args.seed,
             use_cpu=True,
             dataloader_num_workers=0,
-            tokenizer_name_or_path=tokenizer_dir,  # the baseline reuses the elastic run's tokenizer
-            model_overrides=json.dumps(
-                dict(hidden_size=128, head_dim=32, moe_intermediate_size=64, num_experts=16, num_experts_per_tok=2,
-                     router_bias_update_rate=1e-3)  # fmt: skip
-            ),
+            tokenizer_name_or_path=tokenizer_dir,  # later runs reuse the first run's tokenizer
+            model_overrides=json.dumps(model_overrides),
         )
         start = time.time()
         runs[name] = {"summary": train(cfg), "train_minutes": round((time.time() - start) / 60, 2)}
@@ -117,12 +138,12 @@ def main(argv=None) -> dict:
     val_ids = torch.tensor(pack_texts(tokenizer, val_docs, args.block_size)["input_ids"])[: 8 + args.val_blocks]
     grid = [(l, e, k) for _, l, e, k in SETTINGS]
     series = {}
-    for name in ("baseline", "elastic"):
+    for name in ["baseline"] + [n for n in args.variants if n != "baseline"]:
         model = AutoModelForCausalLM.from_pretrained(os.path.join(args.output_dir, name)).eval()
         series[name] = evaluate_grid(model, val_ids, grid, calibration_blocks=8, decode_new_tokens=48, desc=name)
     write_reports(series, args.output_dir, meta={"steps": args.max_steps, "batch_size": args.batch_size,
                                                   "block_size": args.block_size, "val_blocks": len(val_ids) - 8})  # fmt: skip
-    table = study_table(series["baseline"], series["elastic"])
+    table = study_table(series)
     header = (
         f"Elastic vs non-elastic training, {args.max_steps} steps x {args.batch_size} x {args.block_size} tokens each, "
         f"4 layers / 16 experts / top-2 (hidden 128); validation loss on {len(val_ids) - 8} held-out blocks.\n\n"

@@ -33,8 +33,8 @@ import torch
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--output_dir", default="outputs/vision_toy")
-    p.add_argument("--tokenizer_steps", type=int, default=300)
-    p.add_argument("--model_steps", type=int, default=700)
+    p.add_argument("--tokenizer_steps", type=int, default=1500)
+    p.add_argument("--model_steps", type=int, default=1500)
     p.add_argument("--batch_size", type=int, default=16)
     p.add_argument("--learning_rate", type=float, default=3e-3)
     p.add_argument("--eval_scenes", type=int, default=150)
@@ -88,7 +88,7 @@ def build_generation_batch(processor, seeds, rng: random.Random, cfg_dropout: fl
 
 
 @torch.no_grad()
-def answer_questions(model, processor, items, batch_size=32, max_new_tokens=3):
+def answer_questions(model, processor, items, batch_size=32, max_new_tokens=8):
     tok = processor.tokenizer
     answers = []
     for i in range(0, len(items), batch_size):
@@ -138,11 +138,11 @@ def main(argv=None) -> dict:
 
     # 2. Text tokenizer over the toy world's language.
     corpus = []
-    for s in range(400):
+    for s in range(2000):
         _, scene = draw_scene(1_000_000 + s)
         corpus.append(caption(scene))
         corpus += [f"Q: {qa.question} A: {qa.answer}" for qa in make_questions(scene, rng)]
-    text_tokenizer = add_vision_tokens(train_text_tokenizer(corpus, vocab_size=320))
+    text_tokenizer = add_vision_tokens(train_text_tokenizer(corpus, vocab_size=512))
     processor = Ernie5Processor(Ernie5ImageProcessor(size=args.image_size), text_tokenizer)
 
     # 3. Model.

@@ -80,6 +80,7 @@ class Ernie5ForConditionalGeneration(Ernie5ForCausalLM):
     Example:
 
     ```python
+    >>> import torch
     >>> from modeling_ernie5 import Ernie5Config
     >>> from modeling_ernie5.configuration_ernie5_vision import Ernie5VisionConfig
     >>> from modeling_ernie5.modeling_ernie5_vl import Ernie5ForConditionalGeneration

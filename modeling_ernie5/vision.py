@@ -17,7 +17,6 @@ Dimension letters: B images, N understanding tokens, K patches per token, D widt
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from transformers import AutoModel
 

@@ -25,7 +25,7 @@ from modeling_ernie5 import Ernie5Config
 from modeling_ernie5.masks import build_block_causal_mask
 from modeling_ernie5.multimodal_layout import ImageLayout, layout_positions_and_blocks
 
-from .image_processing import Ernie5ImageProcessor
+from .image_processing import Ernie5ImageProcessor  # noqa: F401  (registers it with AutoImageProcessor)
 
 IMAGE_TOKEN = "<image>"
 IMAGE_GEN_TOKEN = "<|image_gen|>"

@@ -100,14 +100,15 @@ def exact_match_reward(completions: list, answer: list | None = None, **kwargs) 
     answers = _column({"answer": answer} if answer is not None else kwargs, "answer", len(completions), "exact_match")
     out: list[float | None] = []
     for completion, ref in zip(completions, answers):
-        refs = _references(ref)
-        out.append(None if not refs else float(extract_answer(completion_text(completion)) in [r.strip() for r in refs]))
+        refs = [r.strip() for r in _references(ref)]
+        out.append(None if not refs else float(extract_answer(completion_text(completion)) in refs))
     return out
 
 
 def normalised_match_reward(completions: list, answer: list | None = None, **kwargs) -> list[float | None]:
     """1.0 when the normalised extracted answer equals a normalised reference, else 0.0."""
-    answers = _column({"answer": answer} if answer is not None else kwargs, "answer", len(completions), "normalised_match")
+    columns = {"answer": answer} if answer is not None else kwargs
+    answers = _column(columns, "answer", len(completions), "normalised_match")
     out: list[float | None] = []
     for completion, ref in zip(completions, answers):
         refs = [normalise_answer(r) for r in _references(ref)]
@@ -121,7 +122,7 @@ def rr_format_reward(completions: list, **kwargs) -> list[float]:
 
 
 def orr_format_reward(completions: list, **kwargs) -> list[float]:
-    """1.0 when the completion is a well-formed ORR answer (`<THOUGHT>..</THOUGHT><ANSWER>The answer is: ..</ANSWER>`)."""
+    """1.0 for a well-formed ORR answer: `<THOUGHT>..</THOUGHT><ANSWER>The answer is: ..</ANSWER>`."""
     return [float(bool(_ORR.match(completion_text(c).strip()))) for c in completions]
 
 

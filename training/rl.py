@@ -22,9 +22,15 @@ per-expert load, switch themselves off, or refuse, for dense models). The arithm
 - **U-RB** is `rl_stabilisers.UnbiasedReplayBuffer`; `hf_chunked_advance` drives it with HF `generate`. It is not yet
   wired into GRPOTrainer's dataloader (see the closing note of issue 8).
 
-Logged every step besides TRL's own metrics: `mismatch/*` (train vs rollout log-prob gaps with and without replay,
-routing disagreement), `misc/*`, `wpsm/*`, `ahrl/*`, `moe/*` (per-expert load balance); `RLCurvesCallback` writes
-`rl_metrics.json` and `rl_curves.png` (reward and entropy over steps) into `output_dir`.
+Old log-probs (pi_train at the rollout weights) are recomputed after every rollout with a no-grad, eval-mode forward
+(with the replayed routing when replay is on), not left to TRL's "ratio is 1 on the first pass" shortcut: the first
+update then sees the real rollout-to-training gap, e.g. the balancing-bias step an ERNIE 5.0 training forward applies.
+
+Logged besides TRL's own metrics: `mismatch/*` (per rollout: |log p_train - log p_rollout| with and without replay and
+the share of (token, layer) pairs routed differently; per update: the same gap and routing disagreement of the forward
+that makes the gradient, which replay pins to 0), `misc/*`, `wpsm/*`, `ahrl/*`, `moe/*` (per-expert load balance);
+`RLCurvesCallback` writes `rl_metrics.json` and `rl_curves.png` (reward, entropy, mismatch, clipped/masked fractions
+over steps) into `output_dir`.
 
 Usage:
 
@@ -44,8 +50,13 @@ import json
 import logging
 import os
 import random
+import sys
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
+
+if __package__ in (None, ""):  # `python training/rl.py` / accelerate launch: make the repository root importable
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch
 from transformers import TrainerCallback
@@ -131,7 +142,8 @@ class RLConfig(GRPOConfig):
         default=0.0, metadata={"help": "Mixtral-style aux loss weight in TRL's loss; 0 for ERNIE 5.0 (bias balancing)."}
     )
     rollout_dtype: str | None = field(
-        default=None, metadata={"help": "Precision of the generating copy: bfloat16, float16, float32 or None (policy)."}
+        default=None,
+        metadata={"help": "Precision of the generating copy: bfloat16, float16, float32 or None (the policy)."},
     )
     rollout_experts_backend: str | None = field(
         default=None, metadata={"help": "Expert back-end of the generating copy (ERNIE 5.0 models)."}
@@ -170,9 +182,14 @@ class RLConfig(GRPOConfig):
             )
         if self.misc:
             if not 0.0 <= self.misc_alpha <= 1.0 <= self.misc_beta:
-                raise ValueError(f"MISC needs 0 <= misc_alpha <= 1 <= misc_beta, got {self.misc_alpha}, {self.misc_beta}")
+                raise ValueError(
+                    f"MISC needs 0 <= misc_alpha <= 1 <= misc_beta, got {self.misc_alpha}, {self.misc_beta}"
+                )
             if self.loss_type not in ("grpo", "dapo", "bnpo", "dr_grpo"):
-                raise ValueError(f"MISC replaces the clipped-ratio loss; loss_type {self.loss_type!r} is not one of them")
+                raise ValueError(
+                    f"MISC replaces the clipped-ratio loss; loss_type {self.loss_type!r} is not one of grpo, dapo, "
+                    "bnpo, dr_grpo"
+                )
         for name in ("wpsm_tau", "wpsm_alpha"):
             if not 0.0 <= getattr(self, name) <= 1.0:
                 raise ValueError(f"{name} must lie in [0, 1], got {getattr(self, name)}")
@@ -358,7 +375,10 @@ def hf_chunked_advance(model, tokenizer, chunk_tokens: int, max_new_tokens: int,
     eos = tokenizer.eos_token_id
 
     def advance(rollouts: list[Rollout]) -> list[tuple[Any, bool]]:
-        states = [r.state if isinstance(r.state, dict) else {"prompt_ids": list(r.state), "completion_ids": []} for r in rollouts]
+        states = [
+            r.state if isinstance(r.state, dict) else {"prompt_ids": list(r.state), "completion_ids": []}
+            for r in rollouts
+        ]
         rows = [s["prompt_ids"] + s["completion_ids"] for s in states]
         ids, mask = _left_pad(rows, tokenizer.pad_token_id)
         budget = min(chunk_tokens, max(max_new_tokens - min(len(s["completion_ids"]) for s in states), 1))
@@ -436,7 +456,9 @@ class RLTrainer(GRPOTrainer):
     def _generate_single_turn(self, prompt_ids, images, multimodal_fields, num_generations, has_tool_images=False):
         if self.use_vllm or self.use_transformers_continuous_batching or images or multimodal_fields:
             self._pending_rollout = None
-            return super()._generate_single_turn(prompt_ids, images, multimodal_fields, num_generations, has_tool_images)
+            return super()._generate_single_turn(
+                prompt_ids, images, multimodal_fields, num_generations, has_tool_images
+            )
         device = self.accelerator.device
         ids, mask = _left_pad([list(p) for p in prompt_ids], self._tokenizer.pad_token_id)
         ids, mask = ids.to(device), mask.to(device)
@@ -458,7 +480,8 @@ class RLTrainer(GRPOTrainer):
         logps = torch.log_softmax(logits, dim=-1).gather(-1, completion.unsqueeze(-1)).squeeze(-1)
 
         is_eos = torch.isin(completion, torch.tensor(self.eos_token_ids, device=completion.device))
-        lengths = torch.where(is_eos.any(1), is_eos.int().argmax(1) + 1, torch.full_like(is_eos[:, 0], completion.shape[1], dtype=torch.long))
+        full = torch.full_like(is_eos[:, 0], completion.shape[1], dtype=torch.long)
+        lengths = torch.where(is_eos.any(1), is_eos.int().argmax(1) + 1, full)  # up to and including the first EOS
         completion_ids = [c[:n].tolist() for c, n in zip(completion.cpu(), lengths.tolist())]
         sampling_logps = [lp[:n].tolist() for lp, n in zip(logps.cpu(), lengths.tolist())]
         self._pending_rollout = {
@@ -494,7 +517,9 @@ class RLTrainer(GRPOTrainer):
             prompt_ids, _, _ = self._tokenize_prompts(prompts)
             completion_ids, _ = self._generate_single_turn(prompt_ids, None, {}, k)
             texts = self.processing_class.batch_decode(completion_ids, skip_special_tokens=True)
-            completions = texts if isinstance(prompts[0], str) else [[{"role": "assistant", "content": t}] for t in texts]
+            if not isinstance(prompts[0], str):
+                texts = [[{"role": "assistant", "content": t}] for t in texts]
+            completions = texts
             rewards = self._calculate_rewards(inputs, prompts, completions, completion_ids)[: len(inputs)]
             total = (rewards * self.reward_weights.to(rewards.device)).nansum(dim=1)
             passed = (total >= a.success_threshold).view(-1, k).sum(1).tolist()
@@ -575,11 +600,16 @@ class RLTrainer(GRPOTrainer):
                 logits_to_keep, self.accelerator.unwrap_model(self.model).config.num_experts,
             )  # fmt: skip
         if a.routing_replay and routing is None:
-            raise RuntimeError("routing replay is on but no rollout routing was recorded (tool calls or vLLM?)")
+            raise RuntimeError(
+                "routing replay is on but no rollout routing was recorded: replay supports text prompts generated by "
+                "the transformers rollout engine, not vLLM, TRL tool-call loops or multimodal prompts yet"
+            )
 
         need_side = a.misc or a.wpsm or a.routing_replay or (a.measure_mismatch and sampling is not None)
         if need_side:
-            plain_logps, entropies, train_routing = self._side_logps(ids, attn, logits_to_keep, record=routing is not None)
+            plain_logps, entropies, train_routing = self._side_logps(
+                ids, attn, logits_to_keep, record=routing is not None
+            )
             old = plain_logps
             if routing is not None and (a.routing_replay or a.measure_mismatch):
                 replay_logps, replay_entropies, _ = self._side_logps(ids, attn, logits_to_keep, routing=routing)
@@ -694,7 +724,8 @@ class RLTrainer(GRPOTrainer):
         if self._loss_logps is not None and sampling is not None:
             m = mask.bool() & ~torch.isnan(sampling)
             if m.any():
-                metrics["mismatch/update_logp_absdiff_mean"].append((self._loss_logps - sampling)[m].abs().mean().item())
+                gap = (self._loss_logps - sampling)[m].abs().mean()
+                metrics["mismatch/update_logp_absdiff_mean"].append(gap.item())
         rollout = inputs.get("rollout_routing")
         if rollout is None or not self._loss_routing:
             return
@@ -718,7 +749,9 @@ class RLTrainer(GRPOTrainer):
         metrics["moe/load_max_over_uniform"].append((share.max() / uniform).item())
         metrics["moe/load_min_over_uniform"].append((share.min() / uniform).item())
         metrics["moe/load_cv"].append((share.std() / share.mean()).item())
-        self.expert_load_history.append({"step": self.state.global_step, "share": [round(x, 5) for x in share.tolist()]})
+        self.expert_load_history.append(
+            {"step": self.state.global_step, "share": [round(x, 5) for x in share.tolist()]}
+        )
 
     def _misc_loss(self, model, inputs):
         a = self.rl_args
@@ -747,7 +780,8 @@ class RLTrainer(GRPOTrainer):
         if self.loss_type == "grpo":  # ERNIE 5.0's 1/G sum_i 1/|y_i| sum_j
             loss = ((per_token_loss * mask_f).sum(-1) / mask_f.sum(-1).clamp(min=1.0)).mean() / accumulation
         elif self.loss_type == "dr_grpo":
-            loss = (per_token_loss * mask_f).sum() / (per_token_loss.size(0) * self.max_completion_length) / accumulation
+            loss = (per_token_loss * mask_f).sum() / (per_token_loss.size(0) * self.max_completion_length)
+            loss = loss / accumulation
         else:  # dapo / bnpo: token mean over the accumulation window, as TRL normalises it
             normalizer = inputs["num_items_in_batch"].clamp(min=1.0) / self.accelerator.num_processes
             if mode == "train":
@@ -784,7 +818,8 @@ class RLCurvesCallback(TrainerCallback):
     def on_log(self, args, state, control, logs=None, **kwargs):
         # Training-step logs only (not the end-of-run summary); steps without a rollout carry no reward key.
         if logs and "loss" in logs and "train_runtime" not in logs:
-            self.history.append({"step": state.global_step, **{k: v for k, v in logs.items() if isinstance(v, (int, float))}})
+            numbers = {k: v for k, v in logs.items() if isinstance(v, (int, float))}
+            self.history.append({"step": state.global_step, **numbers})
 
     def on_train_end(self, args, state, control, **kwargs):
         if not state.is_world_process_zero or not self.history:
@@ -818,7 +853,8 @@ def plot_rl_curves(runs: dict[str, list[dict[str, float]]], path: str) -> None:
                 return
             line = ax.plot(x, y, style, label=label, alpha=0.45 if smooth else 1.0, linewidth=1)[0]
             if smooth and len(y) >= smooth:
-                avg = [sum(y[max(0, i - smooth + 1) : i + 1]) / len(y[max(0, i - smooth + 1) : i + 1]) for i in range(len(y))]
+                windows = [y[max(0, i - smooth + 1) : i + 1] for i in range(len(y))]
+                avg = [sum(w) / len(w) for w in windows]
                 ax.plot(x, avg, style, color=line.get_color(), linewidth=2.2, label=f"{label} (mean of {smooth})")
 
         draw(axes[0, 0], "reward", name, smooth=5)
@@ -884,7 +920,9 @@ def load_rl_dataset(name: str, split: str = "train", toy_world_scenes: int = 64,
     ext = os.path.splitext(name)[1].lstrip(".")
     builder = {"jsonl": "json", "json": "json", "csv": "csv", "parquet": "parquet"}.get(ext)
     if builder is None or not os.path.exists(name):
-        raise ValueError(f"dataset {name!r}: expected 'toy_world', a saved dataset folder or a json/jsonl/csv/parquet file")
+        raise ValueError(
+            f"dataset {name!r}: expected 'toy_world', a saved dataset folder or a json/jsonl/csv/parquet file"
+        )
     return datasets.load_dataset(builder, data_files=name, split="train")
 
 
@@ -915,7 +953,9 @@ def make_parser(subparsers=None, prog: str | None = None):
 
     dataclass_types = (RLScriptArguments, RLConfig)
     if subparsers is not None:
-        return subparsers.add_parser("rl", help="RL post-training (GRPO/GSPO + ERNIE 5.0 stabilisers)", dataclass_types=dataclass_types)
+        return subparsers.add_parser(
+            "rl", help="RL post-training (GRPO/GSPO + ERNIE 5.0 stabilisers)", dataclass_types=dataclass_types
+        )
     return TrlParser(dataclass_types, prog=prog)
 
 
@@ -932,7 +972,9 @@ def main(script_args: RLScriptArguments, training_args: RLConfig) -> RLTrainer:
     tokenizer = AutoTokenizer.from_pretrained(script_args.tokenizer_name_or_path or script_args.model_name_or_path)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
-    dataset = load_rl_dataset(script_args.dataset_name, script_args.dataset_split, script_args.toy_world_scenes, training_args.seed)
+    dataset = load_rl_dataset(
+        script_args.dataset_name, script_args.dataset_split, script_args.toy_world_scenes, training_args.seed
+    )
     rewards = [get_reward_func(name) for name in script_args.reward_funcs]
     trainer = RLTrainer(
         model=model, reward_funcs=rewards, args=training_args, train_dataset=dataset, processing_class=tokenizer

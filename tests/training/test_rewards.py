@@ -77,7 +77,8 @@ def test_toy_world_reward_uses_the_strict_checker():
 
 def test_parse_tool_calls_rr_and_orr():
     text = (
-        "<THOUGHT>t</THOUGHT><OPERATOR>ocr, face detection</OPERATOR><RAG>capital of France</RAG><SIGNAL>continue</SIGNAL>"
+        "<THOUGHT>t</THOUGHT><OPERATOR>ocr, face detection</OPERATOR><RAG>capital of France</RAG>"
+        "<SIGNAL>continue</SIGNAL>"
         "<|begin_api_invoke|>image_caption<|end_api_invoke|>"
     )
     assert parse_tool_calls(text) == [
@@ -93,7 +94,8 @@ def test_tool_use_reward_runs_calls_through_the_shared_runtime():
 
     from processing.tools import build_runtime
 
-    runtime = build_runtime(corpus=[{"id": "1", "title": "Paris", "text": "Paris is the capital of France."}], ocr=False)
+    corpus = [{"id": "1", "title": "Paris", "text": "Paris is the capital of France."}]
+    runtime = build_runtime(corpus=corpus, ocr=False)
     reward = ToolUseReward(runtime, expected_bonus=0.5)
     image = Image.new("RGB", (64, 64), (30, 30, 30))
     completions = [

@@ -220,7 +220,9 @@ def test_ahrl_hints_hard_prompts_and_measures_pass_at_k(model_dir, tokenizer, tm
     ds = Dataset.from_list(rows)
     model = Ernie5ForCausalLM.from_pretrained(model_dir)
     args = rl_args(tmp_path, ahrl=True, ahrl_p_initial=0.5, ahrl_gamma=0.1, ahrl_k=2)
-    trainer = RLTrainer(model=model, reward_funcs=[toy_world_reward], args=args, train_dataset=ds, processing_class=tokenizer)
+    trainer = RLTrainer(
+        model=model, reward_funcs=[toy_world_reward], args=args, train_dataset=ds, processing_class=tokenizer
+    )
     measured = trainer.measure_pass_at_k()
     assert set(measured) == {r["prompt_id"] for r in rows} and all(0.0 <= v <= 1.0 for v in measured.values())
 

@@ -1,0 +1,64 @@
+"""The routing heat map (eval/routing_heatmap.py) and the visual-tokenizer training entry point, on tiny sizes."""
+
+import json
+
+import pytest
+import torch
+
+from eval.routing_heatmap import js_divergence, plot_heatmaps, routing_usage, toy_batches
+from modeling_ernie5 import Ernie5Config
+from modeling_ernie5.configuration_ernie5_vision import Ernie5VisionConfig
+from modeling_ernie5.modeling_ernie5_vl import Ernie5ForConditionalGeneration
+from processing.image_processing import Ernie5ImageProcessor
+from processing.processing_ernie5 import Ernie5Processor
+from processing.tokenizer import train_text_tokenizer
+from processing.toy_world import caption, draw_scene
+
+
+def test_js_divergence_bounds():
+    a = torch.tensor([5.0, 5.0, 0.0, 0.0])
+    assert js_divergence(a, a) == pytest.approx(0.0)
+    assert js_divergence(a, torch.tensor([0.0, 0.0, 3.0, 1.0])) == pytest.approx(1.0)
+
+
+def test_routing_usage_counts_every_slot_by_modality(tmp_path):
+    texts = [caption(draw_scene(i)[1]) + " Q: How many circles are there? A: 2" for i in range(50)]
+    processor = Ernie5Processor(Ernie5ImageProcessor(size=32), train_text_tokenizer(texts, vocab_size=300))
+    config = Ernie5Config(
+        vocab_size=len(processor.tokenizer), vision_config=Ernie5VisionConfig(),
+        pad_token_id=processor.tokenizer.pad_token_id, **processor.vision_token_ids(),
+    )  # fmt: skip
+    model = Ernie5ForConditionalGeneration(config)
+    batches = toy_batches(processor, n_scenes=2, batch_size=2)
+    counts = routing_usage(model, batches)
+    assert counts.shape == (config.num_hidden_layers, 3, config.num_experts)
+    ids = processor.vision_token_ids()
+    n_image = sum(int((b["input_ids"] == ids["image_token_id"]).sum()) for b in batches)
+    n_gen = sum(int((b["input_ids"] == ids["image_gen_token_id"]).sum()) for b in batches)
+    n_real = sum(int(b["attention_mask"].sum()) for b in batches)
+    k = config.num_experts_per_tok
+    assert counts[0, 1].sum() == n_image * k and counts[0, 2].sum() == n_gen * k
+    assert counts[0, 0].sum() == (n_real - n_image - n_gen) * k
+    divergences = plot_heatmaps(counts, str(tmp_path / "routing.png"))
+    assert (tmp_path / "routing.png").stat().st_size > 1000
+    assert set(divergences) == {f"layer_{i}" for i in range(config.num_hidden_layers)}
+    assert all(0.0 <= v <= 1.0 for layer in divergences.values() for v in layer.values())
+
+
+def test_train_visual_tokenizer_entry_point(tmp_path):
+    from training.train_visual_tokenizer import main
+
+    out = tmp_path / "vt"
+    metrics = main([
+        "--output_dir", str(out), "--max_steps", "3", "--batch_size", "4", "--image_size", "16",
+        "--channel_multipliers", "1,2", "--eval_images", "4", "--adversarial_weight", "0.1",
+    ])  # fmt: skip
+    assert (out / "model.safetensors").exists() and (out / "recon.png").exists()
+    saved = json.loads((out / "metrics.json").read_text())
+    assert saved["psnr_db"] == pytest.approx(metrics["psnr_db"]) and saved["steps"] == 3
+    from modeling_ernie5.visual_tokenizer import Ernie5VisualTokenizer
+
+    tok = Ernie5VisualTokenizer.from_pretrained(out)
+    assert tok.config.image_size == 16 and tok.config.scale_schedule == [1, 2, 4, 8]
+    with pytest.raises(ValueError, match="adversarial_weight"):
+        main(["--adversarial_weight", "-1"])
