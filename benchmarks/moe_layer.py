@@ -332,20 +332,19 @@ def main(argv=None) -> dict:
     from tqdm import tqdm
 
     plan = [(s, t, d) for s in shapes for t in tokens for d in args.dtypes if not (s == "ablation" and t == 4096)]
-    points = []
-    for shape, t, dtype in tqdm(plan, desc="moe_layer", unit="point"):
-        point = bench_point(shape, t, getattr(torch, dtype), rounds, t <= slow_up_to, not args.no_memory)
-        print_table(point)
-        points.append(point)
     report = {
         "benchmark": "moe_layer",
         "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "threads": args.threads},
         "versions": {"torch": torch.__version__, "transformers": __import__("transformers").__version__},
-        "points": points,
+        "points": [],
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(report, indent=1))
-    plot(points, args.out.with_suffix(".png"))
+    for shape, t, dtype in tqdm(plan, desc="moe_layer", unit="point"):
+        point = bench_point(shape, t, getattr(torch, dtype), rounds, t <= slow_up_to, not args.no_memory)
+        print_table(point)
+        report["points"].append(point)
+        args.out.write_text(json.dumps(report, indent=1))  # finished points survive an interrupted sweep
+    plot(report["points"], args.out.with_suffix(".png"))
     print(f"\nwrote {args.out} and {args.out.with_suffix('.png')}")
     return report
 

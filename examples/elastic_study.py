@@ -9,6 +9,10 @@ the baseline's, and its sub-models far better than the baseline's at the same re
 
     python examples/elastic_study.py                    # ~25 min on 2 free CPU cores (500 steps per model)
     python examples/elastic_study.py --max_steps 100    # shorter run, same report
+    python examples/elastic_study.py --max_steps 300 --variants baseline elastic_depth elastic_width elastic_sparsity
+
+The last form mirrors the paper more closely: one elastic model per axis (Tables 9, 10 and 11 each vary one axis),
+so each keeps 75-80% full-configuration samples instead of about half.
 
 Writes to `--output_dir` (default `outputs/elastic_study`): the two checkpoints, `study.md` (the comparison
 table), `study.json`, and `elastic_grid.{json,md,png}` (per-model tables and the trade-off plot).
