@@ -19,8 +19,13 @@ per-expert load, switch themselves off, or refuse, for dense models). The arithm
   the clipped surrogate is positively homogeneous in the advantage).
 - **AHRL** adds reference-reasoning prefixes to hard prompts before generation (so they are prompt tokens, never
   trained on); pass@k of the starting model comes from a dataset column or is measured when training starts.
-- **U-RB** is `rl_stabilisers.UnbiasedReplayBuffer`; `hf_chunked_advance` drives it with HF `generate`. It is not yet
-  wired into GRPOTrainer's dataloader (see the closing note of issue 8).
+- **U-RB** (`use_urb`): `rl_stabilisers.UnbiasedReplayBuffer` schedules the training rollouts. Every TRL generation
+  batch is one iteration group, pre-assigned in dataset order (`shuffle_dataset=False`); the pool holds
+  `urb_buffer_size` groups, every tick advances all unfinished pooled rollouts by at most `urb_chunk_tokens` tokens
+  (HF `generate` resumed from prompt + partial completion), and TRL receives a group only when all of its rollouts have
+  finished. Tokens of a rollout resumed after an optimiser step were sampled by an older policy; their sampling
+  log-probs are kept per token, so the mismatch metrics and MISC's IcePop mask see the real behaviour policy.
+  `hf_chunked_advance` is the same resume step as a free function for driving the buffer outside the trainer.
 
 Old log-probs (pi_train at the rollout weights) are recomputed after every rollout with a no-grad, eval-mode forward
 (with the replayed routing when replay is on), not left to TRL's "ratio is 1 on the first pass" shortcut: the first
@@ -66,6 +71,7 @@ from training.rl_stabilisers import (
     HintScheduler,
     Rollout,
     SuccessRateTracker,
+    UnbiasedReplayBuffer,
     assemble_rollout_routing,
     misc_per_token_loss,
     pass_at_k,
@@ -132,6 +138,19 @@ class RLConfig(GRPOConfig):
     ahrl_reference_column, ahrl_pass_column (`str`, *optional*):
         Dataset columns with the reference reasoning and (optionally) the precomputed pass@k.
 
+    > U-RB (unbiased replay buffer)
+
+    use_urb (`bool`, *optional*, defaults to `False`):
+        Generate through `UnbiasedReplayBuffer`: prompts are pre-assigned to iteration groups in dataset order (one
+        group per TRL generation batch), rollouts of later groups start early in spare pool capacity and resume in
+        chunks, and a group reaches training only when all of its rollouts have finished. Needs
+        `shuffle_dataset=False` (shuffle the dataset beforehand if wanted); not combinable with routing replay,
+        AHRL, vLLM, continuous batching, tools or several processes.
+    urb_buffer_size (`int`, *optional*, defaults to 2):
+        N: the inference pool holds N generation batches (the current group plus N - 1 future ones).
+    urb_chunk_tokens (`int`, *optional*, defaults to 16):
+        New tokens a rollout advances per scheduler tick; `generate` resumes from prompt + partial completion.
+
     > Logging
 
     plot (`bool`, *optional*, defaults to `True`):
@@ -169,6 +188,9 @@ class RLConfig(GRPOConfig):
     ahrl_reference_column: str = field(default="reference_reasoning", metadata={"help": "Reference reasoning column."})
     ahrl_pass_column: str = field(default="pass_at_k", metadata={"help": "Precomputed pass@k column (optional)."})
     prompt_id_column: str = field(default="prompt_id", metadata={"help": "Column identifying a prompt (optional)."})
+    use_urb: bool = field(default=False, metadata={"help": "U-RB: order-preserving chunked rollout scheduler."})
+    urb_buffer_size: int = field(default=2, metadata={"help": "Inference pool size in generation batches (N)."})
+    urb_chunk_tokens: int = field(default=16, metadata={"help": "New tokens per rollout per U-RB tick."})
     plot: bool = field(default=True, metadata={"help": "Write rl_metrics.json and rl_curves.png at the end."})
 
     def __post_init__(self):
@@ -197,6 +219,36 @@ class RLConfig(GRPOConfig):
             raise ValueError(f"ahrl_p_initial must lie in [0, 1], got {self.ahrl_p_initial}")
         if self.ahrl and self.ahrl_k < 1:
             raise ValueError(f"ahrl_k must be >= 1, got {self.ahrl_k}")
+        if self.use_urb:
+            self._check_urb()
+
+    def _check_urb(self):
+        if self.urb_buffer_size < 1:
+            raise ValueError(f"urb_buffer_size must be >= 1, got {self.urb_buffer_size}")
+        if self.urb_chunk_tokens < 1:
+            raise ValueError(f"urb_chunk_tokens must be >= 1, got {self.urb_chunk_tokens}")
+        if self.shuffle_dataset:
+            raise ValueError(
+                "use_urb pre-assigns prompts to iteration groups in dataset order; set shuffle_dataset=False "
+                "(shuffle the dataset itself beforehand, e.g. dataset.shuffle(seed), if a random order is wanted)"
+            )
+        if self.routing_replay:
+            # A rollout resumed across ticks re-runs its prefix in a fresh prefill, possibly after an optimiser step,
+            # so no single per-position routing is "the rollout's"; replaying one of them would be a silent guess.
+            raise ValueError(
+                "use_urb cannot be combined with routing_replay: chunked, resumed rollouts have no single recorded "
+                "routing per position; turn one of them off"
+            )
+        if self.ahrl:
+            raise ValueError(
+                "use_urb cannot be combined with ahrl: the hint length depends on the step at which a prompt is "
+                "trained, but U-RB starts later groups' rollouts before that step"
+            )
+        if self.use_vllm or self.use_transformers_continuous_batching:
+            raise ValueError(
+                "use_urb drives transformers `generate` in chunks; set use_vllm=False and "
+                "use_transformers_continuous_batching=False"
+            )
 
 
 def rl_switch_defaults():
@@ -448,12 +500,24 @@ class RLTrainer(GRPOTrainer):
         self._load_counts: torch.Tensor | None = None
         self._loss_routing: dict[int, list[torch.Tensor]] = {}
         self._loss_logps: torch.Tensor | None = None
+        self._urb: UnbiasedReplayBuffer | None = None
+        self.urb_log: list[dict[str, Any]] = []  # one record per group released to training
+        if a.use_urb:
+            self._check_urb_setup()
         if a.plot:
             self.add_callback(RLCurvesCallback(self))
 
     # -- generation -----------------------------------------------------------------------------------------------
 
     def _generate_single_turn(self, prompt_ids, images, multimodal_fields, num_generations, has_tool_images=False):
+        # U-RB hooks in here rather than in `_generate` or through `rollout_func`: this is the one call that turns the
+        # tokenised prompts of exactly one generation batch into completions + sampling log-probs, so TRL keeps doing
+        # the prompt tokenisation, decoding, rewards, advantages and its own metrics unchanged, and the buffer can
+        # check the batch it releases against the prompts the dataloader handed over. `rollout_func` would replace
+        # the tokenisation too and is marked experimental in TRL 1.16.
+        if self.rl_args.use_urb and self.model.training:
+            self._pending_rollout = None
+            return self._urb_generate(prompt_ids, num_generations)
         if self.use_vllm or self.use_transformers_continuous_batching or images or multimodal_fields:
             self._pending_rollout = None
             return super()._generate_single_turn(
@@ -491,8 +555,179 @@ class RLTrainer(GRPOTrainer):
         }
         return completion_ids, sampling_logps
 
+    # -- U-RB -------------------------------------------------------------------------------------------------------
+
+    def _check_urb_setup(self):
+        from torch.utils.data import IterableDataset
+
+        if self.accelerator.num_processes > 1:
+            raise ValueError("use_urb supports a single training process for now (the buffer is not sharded)")
+        if isinstance(self.train_dataset, IterableDataset) or not hasattr(self.train_dataset, "__len__"):
+            raise ValueError("use_urb needs a map-style dataset: groups are pre-assigned by row index")
+        if self.tools or self.environment_factories is not None or self.rollout_func is not None:
+            raise ValueError("use_urb supports plain single-turn generation, not tools, environments or rollout_func")
+        if len(self.train_dataset) < self.args.generation_batch_size // self.num_generations:
+            raise ValueError(
+                f"use_urb: the dataset has {len(self.train_dataset)} prompts, fewer than one generation batch "
+                f"({self.args.generation_batch_size // self.num_generations} prompts)"
+            )
+
+    def _urb_start(self):
+        """Pre-assign the prompts of the whole run to iteration groups, the way TRL's unshuffled `RepeatSampler`
+        serves them: group g is the g-th generation batch (epochs wrap around the dataset in order, the incomplete
+        tail batch of an epoch is dropped), each prompt repeated `num_generations` times."""
+        a = self.rl_args
+        unique = self.args.generation_batch_size // self.num_generations
+        per_epoch = len(self.train_dataset) // unique
+        generate_every = self.args.steps_per_generation * self.num_iterations
+        micro_steps = self.state.max_steps * self.args.gradient_accumulation_steps
+        n_groups = max(1, -(-micro_steps // generate_every))
+        self._urb_rows: dict[Any, int] = {}
+        groups = []
+        for g in range(n_groups):
+            first = (g % per_epoch) * unique
+            group = []
+            for i, row in enumerate(range(first, first + unique)):
+                for j in range(self.num_generations):
+                    rid = (g, i * self.num_generations + j)
+                    self._urb_rows[rid] = row
+                    group.append(rid)
+            groups.append(group)
+        self._urb = UnbiasedReplayBuffer(groups, batch_size=len(groups[0]), buffer_size=a.urb_buffer_size)
+        self._urb_early: set[Any] = set()  # generated tokens while an earlier group was still pending
+        self._urb_resumed: set[Any] = set()  # partially generated when an earlier group went to training, then resumed
+        self._urb_ticks_since_release: list[tuple[int, int]] = []  # (pooled, generating) per tick
+        self._urb_prompt_cache: dict[int, list[int]] = {}
+        self._urb_generation_config = None
+
+    def _urb_generate(self, prompt_ids, num_generations):
+        if num_generations != self.num_generations:
+            raise ValueError(f"U-RB expects num_generations={self.num_generations}, got {num_generations}")
+        if self._urb is None:
+            self._urb_start()
+        buf = self._urb
+        if buf.done:
+            raise RuntimeError(f"U-RB: all {len(buf.groups)} pre-assigned groups were already released")
+        released = buf.release()
+        while released is None:
+            if buf.tick_count >= 1_000_000:
+                raise RuntimeError(f"U-RB: group {buf.next_group} did not finish")
+            buf.tick(self._urb_advance)
+            released = buf.release()
+        group = buf.next_group - 1
+        # Rollouts of later groups that are still mid-generation now wait through a training step and resume after it.
+        for r in buf.pool():
+            if r.ticks > 0:
+                self._urb_early.add(r.request_id)
+                if not r.finished:
+                    self._urb_resumed.add(r.request_id)
+
+        expected = [r.state["prompt_ids"] for r in released]
+        if [list(p) for p in prompt_ids] != expected:
+            raise RuntimeError(
+                f"U-RB: the dataloader's batch differs from pre-assigned group {group} (rows "
+                f"{sorted({self._urb_rows[r.request_id] for r in released})}); the data order was changed after the "
+                "buffer was built (sampler shuffling, resumed run or a modified dataset)"
+            )
+        self._urb_record(group, released)
+        for r in released:  # a row needed again (next epoch) is simply tokenised again
+            self._urb_prompt_cache.pop(self._urb_rows.pop(r.request_id), None)
+        return [r.state["completion_ids"] for r in released], [r.state["logps"] for r in released]
+
+    def _urb_record(self, group: int, released: list[Rollout]):
+        buf, step = self._urb, self.state.global_step
+        ticks, self._urb_ticks_since_release = self._urb_ticks_since_release, []
+        occupancy = ticks or [(len(buf.pool()) + len(released), 0)]  # released from what earlier ticks produced
+        early = sum(r.request_id in self._urb_early for r in released)
+        resumed = sum(r.request_id in self._urb_resumed for r in released)
+        n_tokens = sum(len(r.state["completion_ids"]) for r in released)
+        stale = sum(s < step for r in released for s in r.state["steps"])
+        record = {
+            "group": group,
+            "step": step,
+            "rows": [self._urb_rows[r.request_id] for r in released],
+            "completion_ids": [list(r.state["completion_ids"]) for r in released],
+            "ticks": len(ticks),
+            "rollout_ticks": [r.ticks for r in released],
+            "started_early": early,
+            "resumed": resumed,
+            "stale_tokens": stale,
+        }
+        self.urb_log.append(record)
+        metrics = self._metrics["train"]
+        metrics["urb/pool_occupancy"].append(sum(p for p, _ in occupancy) / len(occupancy) / buf.capacity)
+        metrics["urb/pool_generating_frac"].append(sum(g for _, g in occupancy) / len(occupancy) / buf.capacity)
+        metrics["urb/ticks"].append(float(record["ticks"]))
+        metrics["urb/started_early_rollouts"].append(float(early))
+        metrics["urb/resumed_rollouts"].append(float(resumed))
+        metrics["urb/groups_started_early"].append(float(sum(rec["started_early"] > 0 for rec in self.urb_log)))
+        metrics["urb/stale_token_frac"].append(stale / max(n_tokens, 1))
+        self._urb_early.difference_update(r.request_id for r in released)
+        self._urb_resumed.difference_update(r.request_id for r in released)
+
+    def _urb_advance(self, rollouts: list[Rollout]) -> list[tuple[Any, bool]]:
+        """One U-RB tick: every given rollout generates at most `urb_chunk_tokens` more tokens, in one left-padded
+        `generate` call over prompt + partial completion. State per rollout: prompt ids, completion ids, per-token
+        sampling log-probs and the optimiser step each token was sampled at."""
+        a, buf = self.rl_args, self._urb
+        self._urb_ticks_since_release.append((len(buf.pool()), len(rollouts)))
+        new_rows = sorted({self._urb_rows[r.request_id] for r in rollouts if r.state is None})
+        new_rows = [row for row in new_rows if row not in self._urb_prompt_cache]
+        if new_rows:
+            ids_list, _, _ = self._tokenize_prompts([self.train_dataset[row]["prompt"] for row in new_rows])
+            self._urb_prompt_cache.update({row: list(ids) for row, ids in zip(new_rows, ids_list)})
+        fresh = {"completion_ids": [], "logps": [], "steps": []}
+        states = [
+            r.state if r.state is not None else {"prompt_ids": self._urb_prompt_cache[self._urb_rows[r.request_id]], **fresh}
+            for r in rollouts
+        ]
+        limit = self.max_completion_length
+        room = [limit - len(s["completion_ids"]) for s in states]
+        budget = min(a.urb_chunk_tokens, max(room))
+        device = self.accelerator.device
+        ids, mask = _left_pad([s["prompt_ids"] + s["completion_ids"] for s in states], self._tokenizer.pad_token_id)
+        policy = self.accelerator.unwrap_model(self.model)
+        model = self.rollout_engine.model(policy, self.state.global_step)
+        if self._urb_generation_config is None:
+            import copy as copy_module
+
+            self._urb_generation_config = copy_module.deepcopy(self.generation_config)
+            self._urb_generation_config.output_logits = True
+            self._urb_generation_config.return_dict_in_generate = True
+            self._urb_generation_config.use_cache = True
+        config = self._urb_generation_config
+        config.max_new_tokens = budget
+        with torch.no_grad(), eval_mode(model):
+            out = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), generation_config=config)
+        new_BT = out.sequences[:, ids.shape[1] :].cpu()
+        logits = torch.stack(out.logits, dim=1).float() / self.temperature
+        logps_BT = torch.log_softmax(logits, dim=-1).gather(-1, new_BT.to(logits.device).unsqueeze(-1)).squeeze(-1)
+        eos = set(self.eos_token_ids)
+        step = self.state.global_step
+        results = []
+        for state, space, new, lps in zip(states, room, new_BT.tolist(), logps_BT.cpu().tolist()):
+            n = min(space, len(new))
+            hit = next((i for i, t in enumerate(new[:n]) if t in eos), None)
+            if hit is not None:
+                n = hit + 1
+            completion = state["completion_ids"] + new[:n]
+            results.append(
+                (
+                    {
+                        "prompt_ids": state["prompt_ids"],
+                        "completion_ids": completion,
+                        "logps": state["logps"] + lps[:n],
+                        "steps": state["steps"] + [step] * n,
+                    },
+                    hit is not None or len(completion) >= limit,
+                )
+            )
+        return results
+
     def train(self, *args, **kwargs):
         a = self.rl_args
+        if a.use_urb:
+            self._urb = None  # groups are laid out for this run's max_steps when the first batch is generated
         columns = getattr(self.train_dataset, "column_names", None) or []
         if a.ahrl and a.ahrl_pass_column not in columns and not self.ahrl_pass_at_k:
             self.measure_pass_at_k()

@@ -98,6 +98,21 @@ def grouped_matmul_tn(a_SM: torch.Tensor, b_SN: torch.Tensor, groups: ExpertGrou
     return out_EMN
 
 
+def _forward_weight(w_EKN: torch.Tensor, num_rows: int) -> torch.Tensor:
+    """The right operand of a forward GEMM, column-major for half types on CPU when the batch is large enough.
+
+    CPUs without native bf16/fp16 matmul (AVX2) multiply `a @ b` several times faster when `b` is the
+    transpose of a contiguous matrix, the layout the backward's `W^T` views already have (measured 7x for bf16
+    512^3 on an AVX2 EPYC). One transposed copy of the weights costs a pass over them, which only pays when each
+    expert sees a few rows, so decode-sized calls keep the stored layout.
+    """
+    if w_EKN.device.type != "cpu" or w_EKN.dtype not in (torch.bfloat16, torch.float16):
+        return w_EKN
+    if num_rows < 4 * w_EKN.shape[0]:
+        return w_EKN
+    return w_EKN.transpose(1, 2).contiguous().transpose(1, 2)
+
+
 def _accumulate_dtype(dtype: torch.dtype) -> torch.dtype:
     # Sums over k (and over experts for dx) run in fp32 for half types, like transformers' reshape+sum.
     return torch.float32 if dtype in (torch.bfloat16, torch.float16) else dtype
@@ -118,12 +133,12 @@ class SortedExpertsFunction(torch.autograd.Function):
         h_SF2 = x_TD.new_empty(0, two_f)
         if groups.num_valid:
             x_SD = x_TD.index_select(0, token_S)
-            h_SF2 = grouped_matmul(x_SD, gate_up_EDF2, groups, grouped)[: groups.num_valid]
+            h_SF2 = grouped_matmul(x_SD, _forward_weight(gate_up_EDF2, groups.num_valid), groups, grouped)[: groups.num_valid]
             del x_SD
             w_S = w_TK.reshape(-1).index_select(0, order_S).to(x_TD.dtype)
             a_SF = F.silu(h_SF2[:, :inter])
             a_SF.mul_(h_SF2[:, inter:]).mul_(w_S[:, None])  # combine weight folded into the (S, F) activation
-            y_SD = grouped_matmul(a_SF, down_EFD, groups, grouped)[: groups.num_valid]
+            y_SD = grouped_matmul(a_SF, _forward_weight(down_EFD, groups.num_valid), groups, grouped)[: groups.num_valid]
             out_TD.index_add_(0, token_S, y_SD.to(out_TD.dtype))
         ctx.save_for_backward(x_TD, gate_up_EDF2, down_EFD, w_TK, h_SF2)
         ctx.groups = groups
