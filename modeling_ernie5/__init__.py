@@ -18,6 +18,7 @@ from .modeling_ernie5 import (
     Ernie5PreTrainedModel,
 )
 from .moe import EXPERTS_BACKENDS, register_experts_backend
+from .modeling_ernie5_vl import Ernie5ForConditionalGeneration  # registers the multimodal Auto classes
 
 from . import kernels  # noqa: F401  (registers the fast expert back-ends)
 
@@ -31,6 +32,7 @@ Ernie5ForCausalLM.register_for_auto_class("AutoModelForCausalLM")
 
 __all__ = [
     "EXPERTS_BACKENDS",
+    "Ernie5ForConditionalGeneration",
     "PRESETS",
     "ElasticSpec",
     "Ernie5CausalLMOutput",

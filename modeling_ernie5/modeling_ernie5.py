@@ -27,6 +27,7 @@ from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from .configuration_ernie5 import Ernie5Config
 from .elastic import ElasticSpec
 from .masks import build_attention_mask
+from .multimodal_layout import image_positions_and_mask
 from .moe import Ernie5Experts, Ernie5MLP, Ernie5SparseMoeBlock, Ernie5TopKRouter
 from .rope import Ernie5UniRotaryEmbedding, apply_rotary_pos_emb
 from .vision import Ernie5VisionModel, flip_bits
@@ -347,6 +348,12 @@ class Ernie5Model(Ernie5PreTrainedModel):
 
         batch, q_len = inputs_embeds.shape[:2]
         past_len = cache.get_seq_length() if cache is not None else 0
+        if position_ids is None and past_len == 0:
+            # Image placeholders fix their own (t, h, w) positions and attention blocks; the backbone derives them
+            # here too because TRL's loss and `generate` call it directly.
+            found = image_positions_and_mask(input_ids, attention_mask, self.config, inputs_embeds.dtype)
+            if found is not None:
+                position_ids, attention_mask, _ = found
         if position_ids is None:
             position_ids = text_positions(attention_mask, batch, q_len, past_len, inputs_embeds.device)
         if position_ids.dim() == 2:

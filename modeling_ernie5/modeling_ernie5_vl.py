@@ -38,7 +38,7 @@ from .modeling_ernie5 import (
     sequence_balance_loss,
     text_positions,
 )
-from .multimodal_layout import ImageLayout, layout_positions_and_blocks
+from .multimodal_layout import ImageLayout, image_positions_and_mask, layout_positions_and_blocks
 from .rope import image_position_ids
 
 
@@ -124,11 +124,6 @@ class Ernie5ForConditionalGeneration(Ernie5ForCausalLM):
 
     # --- inputs --------------------------------------------------------------------------------------------------
 
-    def _has_image_tokens(self, input_ids: torch.Tensor | None) -> bool:
-        if input_ids is None or self.config.vision_config is None:
-            return False
-        return bool(((input_ids == self.config.image_token_id) | (input_ids == self.config.image_gen_token_id)).any())
-
     def _positions_and_mask(self, input_ids, attention_mask, position_ids, past_len, dtype):
         """Uni-RoPE positions and the block-causal mask for sequences holding image tokens; decode steps
         continue the text counter with the deltas kept from the prefill."""
@@ -136,11 +131,10 @@ class Ernie5ForConditionalGeneration(Ernie5ForCausalLM):
             return position_ids, attention_mask
         if past_len == 0:
             self.rope_deltas = None
-            if not self._has_image_tokens(input_ids) or (attention_mask is not None and attention_mask.dim() == 4):
+            found = image_positions_and_mask(input_ids, attention_mask, self.config, dtype)
+            if found is None:
                 return position_ids, attention_mask
-            positions, blocks, deltas = layout_positions_and_blocks(input_ids, attention_mask, self.layout)
-            self.rope_deltas = deltas
-            mask = build_block_causal_mask(blocks, attention_mask, dtype)
+            positions, mask, self.rope_deltas = found
             return (positions if position_ids is None else position_ids), mask
         if position_ids is None and self.rope_deltas is not None:
             batch, q_len = input_ids.shape

@@ -137,3 +137,23 @@ def layout_positions_and_blocks(
 
 
 __all__ = ["ImageLayout", "layout_positions_and_blocks"]
+
+
+def image_positions_and_mask(input_ids: torch.Tensor, attention_mask: torch.Tensor | None, config, dtype):
+    """Positions, block-causal mask and rope deltas for a prefill holding image tokens, or None without any.
+
+    Shared by the backbone (which TRL and `generate` call directly) and `Ernie5ForConditionalGeneration`, so a
+    sequence gets the same positions and mask whichever entry point it goes through.
+    """
+    from .masks import build_block_causal_mask
+
+    if config.vision_config is None or input_ids is None:
+        return None
+    if attention_mask is not None and attention_mask.dim() == 4:
+        return None
+    is_image = (input_ids == config.image_token_id) | (input_ids == config.image_gen_token_id)
+    if not bool(is_image.any()):
+        return None
+    positions, blocks, deltas = layout_positions_and_blocks(input_ids, attention_mask, ImageLayout.from_config(config))
+    return positions.to(input_ids.device), build_block_causal_mask(blocks, attention_mask, dtype), deltas
+

@@ -26,7 +26,9 @@ from transformers import PreTrainedTokenizerFast
 PAD, BOS, EOS = "<|pad|>", "<|bos|>", "<|eos|>"
 IM_START, IM_END = "<|im_start|>", "<|im_end|>"
 IMAGE_TOKEN, AUDIO_TOKEN = "<image>", "<audio>"
-SPECIAL_TOKENS = [PAD, BOS, EOS, IM_START, IM_END, IMAGE_TOKEN, AUDIO_TOKEN]
+# Image generation: a placeholder per predicted visual token, between begin/end-of-image markers (ERNIE 5.0 §2.2.3).
+IMAGE_GEN_TOKEN, BOI, EOI = "<|image_gen|>", "<|boi|>", "<|eoi|>"
+SPECIAL_TOKENS = [PAD, BOS, EOS, IM_START, IM_END, IMAGE_TOKEN, AUDIO_TOKEN, IMAGE_GEN_TOKEN, BOI, EOI]
 
 # ChatML-style turns. Typed content lists render images/audio as their placeholder token so a processor can
 # expand them; `add_generation_prompt` opens the assistant turn.

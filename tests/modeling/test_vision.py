@@ -179,6 +179,8 @@ def test_understanding_goes_through_the_backbone(model):
     hidden = model.model(ids, pixel_values=px).last_hidden_state
     hidden_other = model.model(ids, pixel_values=toy_pixels(1, seed=9)).last_hidden_state
     assert not torch.allclose(hidden[:, -1], hidden_other[:, -1])
+    # Called directly (as TRL does), the backbone derives the image's positions and block mask itself.
+    torch.testing.assert_close(model.lm_head(hidden), out.logits)
     with pytest.raises(ValueError, match="placeholder"):
         model.model(ids, pixel_values=toy_pixels(2))
     with pytest.raises(ValueError, match="text-only"):

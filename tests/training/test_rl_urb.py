@@ -13,8 +13,9 @@ from modeling_ernie5 import Ernie5Config, Ernie5ForCausalLM
 from processing.tokenizer import train_text_tokenizer
 from training.rl import RLConfig, RLTrainer, toy_world_dataset
 
-GROUP_PROMPTS = 2  # per_device_train_batch_size / num_generations
-NUM_GENERATIONS = 4
+GROUP_PROMPTS = 2  # per_device_train_batch_size / num_generations: prompts per iteration group
+NUM_GENERATIONS = 2
+STEPS = 4
 
 
 @pytest.fixture(scope="module")
@@ -62,8 +63,8 @@ def urb_args(tmp_path, **overrides):
         save_strategy="no",
         per_device_train_batch_size=GROUP_PROMPTS * NUM_GENERATIONS,
         num_generations=NUM_GENERATIONS,
-        max_completion_length=8,
-        max_steps=3,
+        max_completion_length=12,
+        max_steps=STEPS,
         learning_rate=1e-3,
         logging_steps=1,
         beta=0.0,
@@ -99,12 +100,15 @@ def run(model_dir, tokenizer, dataset, tmp_path, **overrides):
         model=model, reward_funcs=[reward], args=urb_args(tmp_path, **overrides), train_dataset=dataset,
         processing_class=tokenizer,
     )  # fmt: skip
-    advances = []
+    advances = []  # per tick: (request id, optimiser step, completion so far, finished) of every advanced rollout
     inner = trainer._urb_advance
 
     def traced(rollouts):
         results = inner(rollouts)
-        advances.append([(r.request_id, len(state["completion_ids"]), finished) for r, (state, finished) in zip(rollouts, results)])
+        step = trainer.state.global_step
+        advances.append(
+            [(r.request_id, step, tuple(state["completion_ids"]), done) for r, (state, done) in zip(rollouts, results)]
+        )
         return results
 
     trainer._urb_advance = traced
@@ -117,32 +121,45 @@ def test_urb_training_keeps_dataset_order_starts_early_and_resumes(model_dir, to
 
     # (a) training consumed the groups in dataset order, each prompt repeated num_generations times
     ids = dataset["prompt_id"]
-    assert len(reward.calls) == 3
+    assert len(reward.calls) == STEPS
     for g, call in enumerate(reward.calls):
         rows = range(g * GROUP_PROMPTS, (g + 1) * GROUP_PROMPTS)
         assert call["prompt_id"] == [ids[r] for r in rows for _ in range(NUM_GENERATIONS)]
-    # ... and what it scored is exactly what the buffer released for that group
-    assert [rec["group"] for rec in trainer.urb_log] == [0, 1, 2]
-    for call, rec in zip(reward.calls, trainer.urb_log):
+    # ... and what it scored is exactly what the buffer generated for those rows, group by group
+    assert [rec["group"] for rec in trainer.urb_log] == list(range(STEPS))
+    for g, (call, rec) in enumerate(zip(reward.calls, trainer.urb_log)):
+        rows = range(g * GROUP_PROMPTS, (g + 1) * GROUP_PROMPTS)
+        assert rec["rows"] == [r for r in rows for _ in range(NUM_GENERATIONS)]
         assert call["completion_ids"] == rec["completion_ids"]
+        assert all(1 <= len(c) <= 12 for c in call["completion_ids"])
 
-    # (b) group 1 was generated while group 0 was still pending, in several chunks, its state kept between ticks
-    assert trainer.urb_log[1]["started_early"] == 2 * NUM_GENERATIONS
-    later = {}
+    # (b) the first tick already advanced the head group and group 1 (spare pool capacity) ...
+    assert {rid[0] for rid, *_ in advances[0]} == {0, 1}
+    history = {}
     for tick, entries in enumerate(advances):
-        for rid, length, _ in entries:
-            later.setdefault(rid, []).append((tick, length))
-    group1 = {rid: seen for rid, seen in later.items() if rid[0] == 1}
-    for rid, seen in group1.items():
-        lengths = [length for _, length in seen]
-        assert len(seen) >= 2 and lengths == sorted(lengths) and lengths[0] <= 2, (rid, seen)  # resumed, chunk <= 2
-    # the first tick already advanced both the head group and group 1 (spare pool capacity)
-    assert {rid[0] for rid, _, _ in advances[0]} == {0, 1}
-    assert all(length <= 8 for entries in advances for _, length, _ in entries)
+        for rid, step, completion, done in entries:
+            history.setdefault(rid, []).append((tick, step, completion, done))
+    for rid, seen in history.items():
+        # ... every rollout grows by at most urb_chunk_tokens per tick, keeping what it had (state kept between ticks)
+        previous = ()
+        for _, _, completion, _ in seen:
+            assert completion[: len(previous)] == previous and 1 <= len(completion) - len(previous) <= 2, (rid, seen)
+            previous = completion
+        assert seen[-1][3] and not any(done for *_, done in seen[:-1])
+    # ... and some later-group rollout was paused mid-generation across an optimiser step, then resumed
+    carried = [
+        rid
+        for rid, seen in history.items()
+        if rid[0] >= 1 and len({step for _, step, _, _ in seen}) >= 2 and not seen[0][3]
+    ]
+    assert carried, "no rollout was resumed after a training step"
+    assert sum(rec["resumed"] for rec in trainer.urb_log) == len(carried)
+    assert sum(rec["started_early"] for rec in trainer.urb_log) >= len(carried)
+    assert all(rec["stale_tokens"] > 0 for rec in trainer.urb_log if rec["resumed"])
 
     logs = trainer.state.log_history
     for key in ("urb/pool_occupancy", "urb/pool_generating_frac", "urb/started_early_rollouts", "urb/resumed_rollouts",
-                "urb/groups_started_early", "urb/stale_token_frac"):  # fmt: skip
+                "urb/groups_started_early", "urb/stale_token_frac", "urb/ticks"):  # fmt: skip
         assert any(key in h for h in logs), key
     assert [h["urb/groups_started_early"] for h in logs if "urb/groups_started_early" in h][-1] >= 1
     assert [h["urb/pool_occupancy"] for h in logs if "urb/pool_occupancy" in h][0] == 1.0  # both groups pooled
@@ -167,3 +184,18 @@ def test_urb_config_rejects_unsupported_settings(tmp_path):
         urb_args(tmp_path, urb_buffer_size=0)
     # without use_urb the same settings are fine
     assert not urb_args(tmp_path, use_urb=False, shuffle_dataset=True, urb_chunk_tokens=0).use_urb
+
+
+def test_urb_refuses_a_batch_that_is_not_its_next_group(model_dir, tokenizer, dataset, tmp_path):
+    model = Ernie5ForCausalLM.from_pretrained(model_dir)
+    trainer = RLTrainer(
+        model=model, reward_funcs=[Recorder()], args=urb_args(tmp_path), train_dataset=dataset,
+        processing_class=tokenizer,
+    )  # fmt: skip
+    trainer.state.max_steps = 2
+    prompts = [dataset[r]["prompt"] for r in (2, 2, 3, 3)]  # group 1's rows where group 0 is due
+    prompt_ids, _, _ = trainer._tokenize_prompts(prompts)
+    with pytest.raises(RuntimeError, match="differs from pre-assigned group 0"):
+        trainer._urb_generate(prompt_ids, NUM_GENERATIONS)
+    with pytest.raises(ValueError, match="num_generations=2"):
+        trainer._urb_generate(prompt_ids, 3)
