@@ -585,7 +585,7 @@ class RLTrainer(GRPOTrainer):
         self._urb_rows: dict[Any, int] = {}
         groups = []
         for g in range(n_groups):
-            first = ((g + 1) % per_epoch) * unique
+            first = (g % per_epoch) * unique
             group = []
             for i, row in enumerate(range(first, first + unique)):
                 for j in range(self.num_generations):
