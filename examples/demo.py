@@ -2,8 +2,12 @@
 
 1. builds a text corpus from the Python standard library's docstrings (nothing is downloaded);
 2. trains a byte-level BPE tokenizer on it;
-3. trains a tiny ultra-sparse MoE model with the HF Trainer for a few minutes, evaluating as it goes;
-4. saves the model and tokenizer, reloads them with `from_pretrained`, and prints a generated sample.
+3. trains a tiny ultra-sparse MoE model **elastically** with the HF Trainer for a few minutes (each sample also
+   trains a random sub-model: fewer layers, a subset of experts, smaller top-k; ERNIE 5.0 §3.3), evaluating as
+   it goes;
+4. saves the model and tokenizer, reloads them with `from_pretrained`, and prints a generated sample;
+5. cuts a standalone sub-model out of it (3 of 4 layers, 8 of 16 experts chosen by measured routing usage,
+   top-1), saves it, reloads it with `trust_remote_code=True` and reports its loss and parameter fractions.
 
     python examples/demo.py                      # defaults, about 3-4 minutes on 2 CPU cores
     python examples/demo.py --max_steps 50       # quicker smoke run
@@ -44,7 +48,9 @@ def main(argv=None) -> dict:
     from modeling_ernie5.elastic import parameter_counts
     from processing.text_data import pack_texts, split_corpus
     from processing.tokenizer import builtin_corpus, train_text_tokenizer
-    from training.trainer import Ernie5Trainer
+    from modeling_ernie5.elastic import extract_submodel
+    from training.elastic_sampler import ElasticSampler
+    from training.pretrain import ElasticTrainer
 
     set_seed(args.seed)
     os.makedirs(args.output_dir, exist_ok=True)
@@ -95,7 +101,13 @@ def main(argv=None) -> dict:
         dataloader_num_workers=0,
         disable_tqdm=False,
     )
-    trainer = Ernie5Trainer(model=model, args=training_args, train_dataset=train_ds, eval_dataset=val_ds)
+    trainer = ElasticTrainer(
+        model=model,
+        args=training_args,
+        train_dataset=train_ds,
+        eval_dataset=val_ds,
+        sampler=ElasticSampler(config, seed=args.seed),
+    )
     start_eval = trainer.evaluate()["eval_loss"]
     trainer.train()
     history = [(0, start_eval)] + [(h["step"], h["eval_loss"]) for h in trainer.state.log_history if "eval_loss" in h]
@@ -116,6 +128,22 @@ def main(argv=None) -> dict:
         out = reloaded.generate(**inputs, max_new_tokens=40, do_sample=True, top_k=20, temperature=0.8)
     sample = tok.decode(out[0], skip_special_tokens=True)
     print(f"\nreloaded from {final_dir}; sample:\n  {sample!r}")
+
+    calibration = torch.tensor(val_ds["input_ids"][:16])
+    child = extract_submodel(reloaded, layers=3, num_experts=8, top_k=1, calibration_data=calibration)
+    sub_dir = os.path.join(args.output_dir, "submodel")
+    child.save_pretrained(sub_dir)
+    tok.save_pretrained(sub_dir)
+    sub = AutoModelForCausalLM.from_pretrained(sub_dir, trust_remote_code=True).eval()
+    probe = torch.tensor(val_ds["input_ids"][16:48])
+    with torch.no_grad():
+        full_loss = reloaded(probe, labels=probe).loss.item()
+        sub_loss = sub(probe, labels=probe).loss.item()
+    source = sub.config.elastic_source
+    print(
+        f"\nsub-model {sub_dir}: 3 layers, 8 experts, top-1 -> {source['active_fraction']:.0%} of active and "
+        f"{source['total_fraction']:.0%} of total parameters; validation loss {sub_loss:.3f} vs full {full_loss:.3f}"
+    )
     summary = {
         "val_loss_start": start_eval,
         "val_loss_end": history[-1][1],
@@ -124,6 +152,10 @@ def main(argv=None) -> dict:
         "active_params": counts["active"],
         "total_params": counts["total"],
         "sample": sample,
+        "submodel_val_loss": sub_loss,
+        "full_val_loss_same_blocks": full_loss,
+        "submodel_active_fraction": source["active_fraction"],
+        "submodel_total_fraction": source["total_fraction"],
     }
     with open(os.path.join(args.output_dir, "summary.json"), "w") as f:
         json.dump(summary, f, indent=2)

@@ -420,9 +420,9 @@ class Ernie5MultiTokenPredictor(nn.Module):
         self.block = Ernie5DecoderLayer(config, layer_idx=config.num_hidden_layers + depth)
         self.norm = Ernie5RMSNorm(config.hidden_size, config.rms_norm_eps)
 
-    def forward(self, hidden, next_embeds, mask, cos, sin):
+    def forward(self, hidden, next_embeds, mask, cos, sin, count_load: bool = False):
         x = self.eh_proj(torch.cat([self.hidden_norm(hidden), self.embed_norm(next_embeds)], dim=-1))
-        x, routing = self.block(x, mask, cos, sin)
+        x, routing = self.block(x, mask, cos, sin, count_load=count_load)
         return x, self.norm(x), routing
 
 
@@ -520,6 +520,10 @@ class Ernie5ForCausalLM(Ernie5PreTrainedModel, GenerationMixin):
             output_router_logits if output_router_logits is not None else self.config.output_router_logits
         )
         want_aux = labels is not None and (self.config.router_aux_loss_coef > 0 or self.config.router_z_loss_coef > 0)
+        if self.training and torch.is_grad_enabled():
+            for module in self.mtp:  # the backbone updates its own routers; the MTP blocks' are updated here
+                if module.block.is_moe:
+                    module.block.mlp.gate.update_bias()
         outputs: Ernie5ModelOutput = self.model(
             input_ids=input_ids,
             attention_mask=attention_mask,
@@ -591,7 +595,8 @@ class Ernie5ForCausalLM(Ernie5PreTrainedModel, GenerationMixin):
                 break
             # Position t sees token t+depth; the last `depth` positions have no such token and are ignored.
             shifted_ids = F.pad(input_ids[:, depth:], (0, depth), value=0)
-            hidden, normed, _ = module(hidden, self.model.embed_tokens(shifted_ids), mask, cos, sin)
+            count_load = elastic_spec is None or elastic_spec.is_full
+            hidden, normed, _ = module(hidden, self.model.embed_tokens(shifted_ids), mask, cos, sin, count_load)
             target = F.pad(labels[:, depth:], (0, depth), value=-100)
             losses.append(self.loss_function(self.lm_head(normed), target, self.vocab_size, **kwargs))
         if not losses:

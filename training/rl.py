@@ -33,7 +33,8 @@ update then sees the real rollout-to-training gap, e.g. the balancing-bias step 
 
 Logged besides TRL's own metrics: `mismatch/*` (per rollout: |log p_train - log p_rollout| with and without replay and
 the share of (token, layer) pairs routed differently; per update: the same gap and routing disagreement of the forward
-that makes the gradient, which replay pins to 0), `misc/*`, `wpsm/*`, `ahrl/*`, `moe/*` (per-expert load balance);
+that makes the gradient, which replay pins to 0), `misc/*`, `wpsm/*`, `ahrl/*`, `urb/*` (pool occupancy, rollouts
+started early / resumed after an optimiser step, share of stale tokens), `moe/*` (per-expert load balance);
 `RLCurvesCallback` writes `rl_metrics.json` and `rl_curves.png` (reward, entropy, mismatch, clipped/masked fractions
 over steps) into `output_dir`.
 
@@ -147,9 +148,13 @@ class RLConfig(GRPOConfig):
         `shuffle_dataset=False` (shuffle the dataset beforehand if wanted); not combinable with routing replay,
         AHRL, vLLM, continuous batching, tools or several processes.
     urb_buffer_size (`int`, *optional*, defaults to 2):
-        N: the inference pool holds N generation batches (the current group plus N - 1 future ones).
+        N: at most N generation batches' worth of rollouts generate at once; groups up to N ahead of the one due for
+        training may be in flight.
     urb_chunk_tokens (`int`, *optional*, defaults to 16):
         New tokens a rollout advances per scheduler tick; `generate` resumes from prompt + partial completion.
+    urb_free_finished_slots (`bool`, *optional*, defaults to `True`):
+        A finished rollout frees its pool slot at once (it waits for its group in the buffer), so later groups fill
+        the pool during a group's long tail; `False` holds the slot until the group is released.
 
     > Logging
 
@@ -191,6 +196,9 @@ class RLConfig(GRPOConfig):
     use_urb: bool = field(default=False, metadata={"help": "U-RB: order-preserving chunked rollout scheduler."})
     urb_buffer_size: int = field(default=2, metadata={"help": "Inference pool size in generation batches (N)."})
     urb_chunk_tokens: int = field(default=16, metadata={"help": "New tokens per rollout per U-RB tick."})
+    urb_free_finished_slots: bool = field(
+        default=True, metadata={"help": "Finished rollouts free their U-RB pool slot before their group is released."}
+    )
     plot: bool = field(default=True, metadata={"help": "Write rl_metrics.json and rl_curves.png at the end."})
 
     def __post_init__(self):
@@ -582,9 +590,12 @@ class RLTrainer(GRPOTrainer):
         generate_every = self.args.steps_per_generation * self.num_iterations
         micro_steps = self.state.max_steps * self.args.gradient_accumulation_steps
         n_groups = max(1, -(-micro_steps // generate_every))
+        # A resumed run: the Trainer skips the batches already trained on, so the buffer starts at the group due next.
+        done = self.state.global_step * self.args.gradient_accumulation_steps
+        self._urb_first = min(done // generate_every, n_groups - 1)
         self._urb_rows: dict[Any, int] = {}
         groups = []
-        for g in range(n_groups):
+        for g in range(self._urb_first, n_groups):
             first = (g % per_epoch) * unique
             group = []
             for i, row in enumerate(range(first, first + unique)):
@@ -593,10 +604,12 @@ class RLTrainer(GRPOTrainer):
                     self._urb_rows[rid] = row
                     group.append(rid)
             groups.append(group)
-        self._urb = UnbiasedReplayBuffer(groups, batch_size=len(groups[0]), buffer_size=a.urb_buffer_size)
+        self._urb = UnbiasedReplayBuffer(
+            groups, len(groups[0]), a.urb_buffer_size, free_finished_slots=a.urb_free_finished_slots
+        )
         self._urb_early: set[Any] = set()  # generated tokens while an earlier group was still pending
         self._urb_resumed: set[Any] = set()  # partially generated when an earlier group went to training, then resumed
-        self._urb_ticks_since_release: list[tuple[int, int]] = []  # (pooled, generating) per tick
+        self._urb_ticks_since_release: list[tuple[int, int]] = []  # (generating, finished and waiting) per tick
         self._urb_prompt_cache: dict[int, list[int]] = {}
         self._urb_generation_config = None
 
@@ -614,7 +627,7 @@ class RLTrainer(GRPOTrainer):
                 raise RuntimeError(f"U-RB: group {buf.next_group} did not finish")
             buf.tick(self._urb_advance)
             released = buf.release()
-        group = buf.next_group - 1
+        group = self._urb_first + buf.next_group - 1
         # Rollouts of later groups that are still mid-generation now wait through a training step and resume after it.
         for r in buf.pool():
             if r.ticks > 0:
@@ -627,7 +640,7 @@ class RLTrainer(GRPOTrainer):
             raise RuntimeError(
                 f"U-RB: the dataloader's batch differs from pre-assigned group {group} (rows "
                 f"{sorted({self._urb_rows[r.request_id] for r in released})}); the data order was changed after the "
-                "buffer was built (sampler shuffling, resumed run or a modified dataset)"
+                "buffer was built (sampler shuffling or a modified dataset)"
             )
         self._urb_record(group, released)
         for r in released:  # a row needed again (next epoch) is simply tokenised again
@@ -637,7 +650,6 @@ class RLTrainer(GRPOTrainer):
     def _urb_record(self, group: int, released: list[Rollout]):
         buf, step = self._urb, self.state.global_step
         ticks, self._urb_ticks_since_release = self._urb_ticks_since_release, []
-        occupancy = ticks or [(len(buf.pool()) + len(released), 0)]  # released from what earlier ticks produced
         early = sum(r.request_id in self._urb_early for r in released)
         resumed = sum(r.request_id in self._urb_resumed for r in released)
         n_tokens = sum(len(r.state["completion_ids"]) for r in released)
@@ -655,8 +667,10 @@ class RLTrainer(GRPOTrainer):
         }
         self.urb_log.append(record)
         metrics = self._metrics["train"]
-        metrics["urb/pool_occupancy"].append(sum(p for p, _ in occupancy) / len(occupancy) / buf.capacity)
-        metrics["urb/pool_generating_frac"].append(sum(g for _, g in occupancy) / len(occupancy) / buf.capacity)
+        if ticks:  # generating rollouts over the pool capacity, averaged over the ticks this batch waited for
+            metrics["urb/pool_occupancy"].append(sum(g for g, _ in ticks) / len(ticks) / buf.capacity)
+        # finished rollouts of later groups already waiting in the buffer when this batch goes to training
+        metrics["urb/waiting_rollouts"].append(float(sum(r.finished for r in buf.pool())))
         metrics["urb/ticks"].append(float(record["ticks"]))
         metrics["urb/started_early_rollouts"].append(float(early))
         metrics["urb/resumed_rollouts"].append(float(resumed))
@@ -670,15 +684,21 @@ class RLTrainer(GRPOTrainer):
         `generate` call over prompt + partial completion. State per rollout: prompt ids, completion ids, per-token
         sampling log-probs and the optimiser step each token was sampled at."""
         a, buf = self.rl_args, self._urb
-        self._urb_ticks_since_release.append((len(buf.pool()), len(rollouts)))
+        self._urb_ticks_since_release.append((len(rollouts), len(buf.pool()) - len(rollouts)))
         new_rows = sorted({self._urb_rows[r.request_id] for r in rollouts if r.state is None})
         new_rows = [row for row in new_rows if row not in self._urb_prompt_cache]
         if new_rows:
             ids_list, _, _ = self._tokenize_prompts([self.train_dataset[row]["prompt"] for row in new_rows])
             self._urb_prompt_cache.update({row: list(ids) for row, ids in zip(new_rows, ids_list)})
-        fresh = {"completion_ids": [], "logps": [], "steps": []}
         states = [
-            r.state if r.state is not None else {"prompt_ids": self._urb_prompt_cache[self._urb_rows[r.request_id]], **fresh}
+            r.state
+            if r.state is not None
+            else {
+                "prompt_ids": self._urb_prompt_cache[self._urb_rows[r.request_id]],
+                "completion_ids": [],
+                "logps": [],
+                "steps": [],
+            }
             for r in rollouts
         ]
         limit = self.max_completion_length

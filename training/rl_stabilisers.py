@@ -343,11 +343,18 @@ class UnbiasedReplayBuffer:
         groups (`Sequence[Sequence[Hashable]]`): request ids per iteration group, in training order.
         batch_size (`int`): Omega_BS, the training batch (and the largest group).
         buffer_size (`int`): N; the inference pool holds Omega_BS * N rollouts.
+        free_finished_slots (`bool`, *optional*, defaults to `False`): `False` keeps a finished rollout in its pool
+            slot until its group is released. `True` counts only generating rollouts against the capacity: a finished
+            rollout stays listed in `pool()` until its group is released but holds no slot, which goes to the next
+            request in group order; this keeps the engine busy through a group's long tail (the report's "no idle
+            on long tails"). Requests of groups beyond `next_group + buffer_size` wait, which bounds how far
+            generation runs ahead of training.
     """
 
     groups: Sequence[Sequence[Hashable]]
     batch_size: int
     buffer_size: int
+    free_finished_slots: bool = False
     tick_count: int = 0
     next_group: int = 0
     _queue: list[Rollout] = field(default_factory=list)
@@ -372,8 +379,18 @@ class UnbiasedReplayBuffer:
     def pool(self) -> list[Rollout]:
         return list(self._pool)
 
+    def generating(self) -> int:
+        """Rollouts in the pool that still generate."""
+        return sum(not r.finished for r in self._pool)
+
+    def _has_room(self) -> bool:
+        if not self.free_finished_slots:
+            return len(self._pool) < self.capacity
+        ahead = self._queue[0].group - self.next_group
+        return self.generating() < self.capacity and ahead <= self.buffer_size
+
     def _admit(self) -> None:
-        while self._queue and len(self._pool) < self.capacity:
+        while self._queue and self._has_room():
             rollout = self._queue.pop(0)
             rollout.started_at = self.tick_count
             self._pool.append(rollout)

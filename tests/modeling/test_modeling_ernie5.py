@@ -237,6 +237,14 @@ def test_balancing_bias_moves_toward_underloaded_experts_and_stays_fixed_in_eval
     assert torch.equal(before, router.e_score_correction_bias)
 
 
+def test_mtp_routers_balance_too():
+    model = tiny_model(router_bias_update_rate=0.01).train()
+    x = ids(2, 12)
+    model(x, labels=x)
+    model(x, labels=x)
+    assert torch.count_nonzero(model.mtp[0].block.mlp.gate.e_score_correction_bias) > 0
+
+
 def test_balancing_can_be_switched_off():
     model = tiny_model(moe_use_correction_bias=False)
     model.train()
