@@ -28,7 +28,7 @@ from .configuration_ernie5 import Ernie5Config
 from .elastic import ElasticSpec
 from .masks import build_attention_mask
 from .multimodal_layout import image_positions_and_mask
-from .moe import Ernie5Experts, Ernie5MLP, Ernie5SparseMoeBlock, Ernie5TopKRouter
+from .moe import Ernie5Experts, Ernie5ExpertsSwitchMixin, Ernie5MLP, Ernie5SparseMoeBlock, Ernie5TopKRouter
 from .rope import Ernie5UniRotaryEmbedding, apply_rotary_pos_emb
 from .vision import Ernie5VisionModel, flip_bits
 
@@ -166,7 +166,7 @@ class Ernie5DecoderLayer(GradientCheckpointingLayer):
         return residual + hidden_states, routing
 
 
-class Ernie5PreTrainedModel(PreTrainedModel):
+class Ernie5PreTrainedModel(Ernie5ExpertsSwitchMixin, PreTrainedModel):
     config_class = Ernie5Config
     config: Ernie5Config
     base_model_prefix = "model"
@@ -181,6 +181,14 @@ class Ernie5PreTrainedModel(PreTrainedModel):
     # Routing is precision-sensitive: the router weight and its balancing bias stay fp32 whatever the model dtype.
     _keep_in_fp32_modules_strict = ["mlp.gate.weight", "e_score_correction_bias"]
     _keys_to_ignore_on_load_unexpected = [r"mlp\.gate\.expert_load"]
+
+    def update_router_biases(self) -> None:
+        """Apply the pending balancing step of every router (backbone and MTP). Training forwards do this on their
+        own at their start; a trainer may call it after each backward instead, so checkpoints hold no pending
+        load statistics. Collective under data parallelism: call it at the same point on every rank."""
+        for module in self.modules():
+            if isinstance(module, Ernie5TopKRouter):
+                module.update_bias()
 
     @torch.no_grad()
     def _init_weights(self, module):

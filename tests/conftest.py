@@ -27,3 +27,7 @@ for key, value in {
 import torch  # noqa: E402
 
 torch.set_num_threads(1)
+# Triton reads TRITON_INTERPRET when it is first imported (and when a kernel is defined); set it before any test
+# module can import transformers or torch code that pulls Triton in, so the kernels run on the CPU interpreter.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")

@@ -315,9 +315,9 @@ class ElasticTrainer(_base_trainer()):
         # Apply this micro-step's balancing update now, after backward (so activation recompute saw the old bias),
         # at the same point on every rank (the all-reduce inside `update_bias` is a collective), and before a
         # checkpoint can be written (so a saved run holds no pending statistics).
-        inner = getattr(self._unwrapped(model), "model", None)
-        for router in inner.routers() if hasattr(inner, "routers") else []:
-            router.update_bias()
+        unwrapped = self._unwrapped(model)
+        if hasattr(unwrapped, "update_router_biases"):
+            unwrapped.update_router_biases()
         return loss
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
