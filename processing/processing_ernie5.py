@@ -27,10 +27,9 @@ from modeling_ernie5.multimodal_layout import ImageLayout, layout_positions_and_
 
 from .image_processing import Ernie5ImageProcessor  # noqa: F401  (registers it with AutoImageProcessor)
 
-IMAGE_TOKEN = "<image>"
-IMAGE_GEN_TOKEN = "<|image_gen|>"
-BOI_TOKEN = "<|boi|>"
-EOI_TOKEN = "<|eoi|>"
+from .tokenizer import BOI as BOI_TOKEN
+from .tokenizer import EOI as EOI_TOKEN
+from .tokenizer import IMAGE_GEN_TOKEN, IMAGE_TOKEN
 
 
 def add_vision_tokens(tokenizer) -> Any:

@@ -1,9 +1,8 @@
 """Tiny random models for the eval tests, built from scratch (no download).
 
-A byte-level BPE tokenizer is trained on a few sentences, then wrapped as a fast tokenizer with an
-`<image>` token; a two-layer Llava (CLIP vision tower + Llama text model) and a Llama causal LM
-are built on it and saved with their processor / tokenizer, so the runner loads them through the
-Auto classes exactly as it loads a real checkpoint.
+A byte-level BPE tokenizer is trained on a few sentences and a two-layer Llama causal LM is built on it; the
+tiny Llava comes from the tool runtime's builder (`processing.tools.tiny_models`). Both are saved with their
+processor / tokenizer, so the runner loads them through the Auto classes exactly as it loads a real checkpoint.
 """
 
 from __future__ import annotations
@@ -11,13 +10,8 @@ from __future__ import annotations
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import (
-    CLIPImageProcessor,
-    CLIPVisionConfig,
     LlamaConfig,
     LlamaForCausalLM,
-    LlavaConfig,
-    LlavaForConditionalGeneration,
-    LlavaProcessor,
     PreTrainedTokenizerFast,
 )
 
@@ -78,33 +72,11 @@ def _text_config(tokenizer) -> LlamaConfig:
 
 
 def save_tiny_llava(path) -> str:
-    """A tiny LlavaForConditionalGeneration + LlavaProcessor saved under `path`."""
-    tokenizer = build_tokenizer()
-    image_processor = CLIPImageProcessor(size={"shortest_edge": 16}, crop_size={"height": 16, "width": 16})
-    processor = LlavaProcessor(
-        image_processor=image_processor,
-        tokenizer=tokenizer,
-        patch_size=8,
-        vision_feature_select_strategy="default",
-        num_additional_image_tokens=1,
-        chat_template=CHAT_TEMPLATE,
-    )
-    vision = CLIPVisionConfig(
-        hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
-        image_size=16, patch_size=8, projection_dim=16,
-    )
-    config = LlavaConfig(
-        vision_config=vision,
-        text_config=_text_config(tokenizer),
-        image_token_index=tokenizer.convert_tokens_to_ids("<image>"),
-        vision_feature_select_strategy="default",
-        vision_feature_layer=-1,
-    )
-    torch.manual_seed(0)
-    model = LlavaForConditionalGeneration(config).eval()
-    model.save_pretrained(path)
-    processor.save_pretrained(path)
-    return str(path)
+    """A tiny LlavaForConditionalGeneration + LlavaProcessor saved under `path` (the tool runtime's builder,
+    with this file's corpus so the eval prompts tokenise into few pieces)."""
+    from processing.tools.tiny_models import build_tiny_vlm
+
+    return build_tiny_vlm(path, texts=_CORPUS, image_size=16)
 
 
 def save_tiny_causal_lm(path) -> str:
