@@ -12,8 +12,7 @@ import pytest
 import torch
 
 import modeling_ernie5  # noqa: F401
-from modeling_ernie5 import Ernie5Config, Ernie5ForCausalLM
-from processing.tokenizer import train_text_tokenizer
+from modeling_ernie5 import Ernie5ForCausalLM
 from training.rewards import toy_world_reward
 from training.rl import (
     RLConfig,
@@ -40,23 +39,9 @@ def dataset():
 
 
 @pytest.fixture(scope="module")
-def tokenizer(dataset):
-    texts = list(dataset["prompt"]) + [f" {a}" for a in dataset["answer"]]
-    return train_text_tokenizer(texts, vocab_size=512)
-
-
-@pytest.fixture(scope="module")
-def model_dir(tokenizer, tmp_path_factory):
-    torch.manual_seed(0)
-    config = Ernie5Config.from_preset(
-        "tiny",
-        vocab_size=len(tokenizer),
-        pad_token_id=tokenizer.pad_token_id,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-    )
+def model_dir(tokenizer, tiny_ernie5, tmp_path_factory):
     path = tmp_path_factory.mktemp("tiny-ernie5")
-    Ernie5ForCausalLM(config).save_pretrained(path)
+    tiny_ernie5(tokenizer).save_pretrained(path)
     tokenizer.save_pretrained(path)
     return str(path)
 

@@ -9,8 +9,7 @@ import pytest
 import torch
 
 import modeling_ernie5  # noqa: F401
-from modeling_ernie5 import Ernie5Config, Ernie5ForCausalLM
-from processing.tokenizer import train_text_tokenizer
+from modeling_ernie5 import Ernie5ForCausalLM
 from training.rl import RLConfig, RLTrainer, toy_world_dataset
 from training.rl_stabilisers import UnbiasedReplayBuffer
 
@@ -25,22 +24,8 @@ def dataset():
 
 
 @pytest.fixture(scope="module")
-def tokenizer(dataset):
-    texts = list(dataset["prompt"]) + [f" {a}" for a in dataset["answer"]]
-    return train_text_tokenizer(texts, vocab_size=512)
-
-
-@pytest.fixture(scope="module")
-def model_dir(tokenizer, dataset, tmp_path_factory):
-    torch.manual_seed(0)
-    config = Ernie5Config.from_preset(
-        "tiny",
-        vocab_size=len(tokenizer),
-        pad_token_id=tokenizer.pad_token_id,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-    )
-    model = Ernie5ForCausalLM(config)
+def model_dir(tokenizer, dataset, tiny_ernie5, tmp_path_factory):
+    model = tiny_ernie5(tokenizer)
     # Make EOS likely (about 0.3 per token): rollout lengths then vary, so a group's longest rollout can outlast the
     # previous group's and has to be paused across a training step; a random tiny model almost never emits EOS.
     with torch.no_grad():
