@@ -6,13 +6,14 @@
 Steps:
 1. train the multi-scale bitwise visual tokenizer on toy scenes (held-out reconstruction PSNR);
 2. train a byte-level BPE text tokenizer on toy captions and questions;
-3. train a tiny `Ernie5ForConditionalGeneration` (tiny preset + vision) on two tasks per step: answering toy
-   questions about an image (understanding) and drawing a single coloured shape from its caption (next-scale
-   generation, prompts dropped with `cfg_dropout_prob` so classifier-free guidance works);
+3. train a small `Ernie5ForConditionalGeneration` (tiny preset, width `--hidden_size`, + vision) on two tasks per
+   step: answering toy questions about an image (understanding) and drawing one coloured shape from an instruction
+   such as "draw a red square at the top left" (next-scale generation; prompts dropped with `cfg_dropout_prob` so
+   classifier-free guidance works);
 4. measure with the strict checkers of `processing.toy_world`: question accuracy per kind against the uniform-guess
    chance rate and the best answer-prior baseline (always the most frequent training answer of that kind), and
-   generated images' dominant colour / shape against their prompt (chance 1/6 and 1/3), next to the same checkers
-   on tokenizer reconstructions of real images (the ceiling the model can reach through this tokenizer).
+   generated images' dominant colour / shape / quadrant against their prompt (chance 1/6, 1/3 and 1/4), next to
+   the same checkers on tokenizer reconstructions of real images (the ceiling reachable through this tokenizer).
 
 Writes to `--output_dir`: `results.json`, `generated.png` (prompt grid), `losses.png` (per-modality raw and
 rescaled losses), `routing_heatmap.png`, `tokenizer_recon.png` and the saved model + processor.
@@ -33,13 +34,20 @@ import torch
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--output_dir", default="outputs/vision_toy")
-    p.add_argument("--tokenizer_steps", type=int, default=1500)
-    p.add_argument("--model_steps", type=int, default=1500)
+    p.add_argument("--tokenizer_steps", type=int, default=1000)
+    p.add_argument(
+        "--prefix_loss_weight", type=float, default=1.0,
+        help="visual tokenizer: weight of the loss on images decoded from coarse scales only",
+    )  # fmt: skip
+    p.add_argument("--model_steps", type=int, default=1200)
     p.add_argument("--batch_size", type=int, default=16)
     p.add_argument("--learning_rate", type=float, default=3e-3)
     p.add_argument("--eval_scenes", type=int, default=150)
-    p.add_argument("--gen_per_prompt", type=int, default=3, help="images per (colour, shape) prompt")
+    p.add_argument("--gen_per_prompt", type=int, default=2, help="images per (colour, shape, position) prompt")
     p.add_argument("--guidance_scale", type=float, default=3.0)
+    p.add_argument("--temperature", type=float, default=1.0, help="bit sampling temperature of image generation")
+    p.add_argument("--hidden_size", type=int, default=192, help="backbone width (the tiny preset has 64)")
+    p.add_argument("--num_layers", type=int, default=4, help="backbone depth")
     p.add_argument("--image_size", type=int, default=16, help="side of the images the model sees and draws")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument(
@@ -49,38 +57,49 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
+CAPTION_QUESTION = "What is in the picture?"
+
+
 def understanding_sample(seed: int, rng: random.Random):
     from processing.toy_world import draw_scene, make_questions
 
     image, scene = draw_scene(seed, size=64)
-    return image, make_questions(scene, rng)
+    return image, scene, make_questions(scene, rng)
 
 
 def build_understanding_batch(processor, items, eos_token: str):
-    """items: (image, question, answer). Labels cover only the answer and the end-of-sequence token."""
+    """items: (image, [(question, answer), ...]). One image, then its question-answer turns one after another
+    ("Q: ... A: ...<eos>"); the first turn is exactly the evaluation prompt. Labels cover only the answers and their
+    end-of-sequence tokens."""
     tok = processor.tokenizer
     ids, labels = [], []
-    for _, question, answer in items:
-        prompt = tok(processor.expand_text(f"<image>Q: {question} A:", 0), add_special_tokens=False)["input_ids"]
-        target = tok(f" {answer}{eos_token}", add_special_tokens=False)["input_ids"]
-        ids.append(prompt + target)
-        labels.append([-100] * len(prompt) + target)
+    for _, turns in items:
+        row, row_labels = [], []
+        for i, (question, answer) in enumerate(turns):
+            text = f"{'<image>' if i == 0 else ''}Q: {question} A:"
+            prompt = tok(processor.expand_text(text, 0) if i == 0 else text, add_special_tokens=False)["input_ids"]
+            target = tok(f" {answer}{eos_token}", add_special_tokens=False)["input_ids"]
+            row += prompt + target
+            row_labels += [-100] * len(prompt) + target
+        ids.append(row)
+        labels.append(row_labels)
     width = max(len(x) for x in ids)
     pad = tok.pad_token_id
     input_ids = torch.tensor([[pad] * (width - len(x)) + x for x in ids])
     label_ids = torch.tensor([[-100] * (width - len(x)) + x for x in labels])
     mask = torch.tensor([[0] * (width - len(x)) + [1] * len(x) for x in ids])
-    pixels = processor.image_processor([im for im, _, _ in items], return_tensors="pt")["pixel_values"]
+    pixels = processor.image_processor([im for im, _ in items], return_tensors="pt")["pixel_values"]
     return {"input_ids": input_ids, "attention_mask": mask, "labels": label_ids, "pixel_values": pixels}
 
 
 def build_generation_batch(processor, seeds, rng: random.Random, cfg_dropout: float):
-    from processing.toy_world import caption, draw_scene
+    from processing.toy_world import draw_scene, drawing_prompt
 
     texts, targets = [], []
     for s in seeds:
         image, scene = draw_scene(s, size=processor.image_processor.size, max_shapes=1)
-        prompt = "" if rng.random() < cfg_dropout else f"draw {caption(scene)}"
+        shape = scene.shapes[0]
+        prompt = "" if rng.random() < cfg_dropout else drawing_prompt(shape.color, shape.kind, shape.position)
         texts.append(f"{prompt}<|image_gen|>")
         targets.append(image)
     batch = processor(text=texts, gen_images=targets)
@@ -120,15 +139,15 @@ def main(argv=None) -> dict:
     from processing.processing_ernie5 import Ernie5Processor, add_vision_tokens
     from processing.tokenizer import train_text_tokenizer
     from processing.toy_world import (
-        COLORS, SHAPES, QA_KINDS, caption, chance_rate, check_answer, classify_shape, dominant_color, draw_scene,
-        make_questions,
+        COLORS, POSITIONS, SHAPES, QA_KINDS, caption, chance_rate, check_answer, classify_shape, dominant_color,
+        draw_scene, drawing_prompt, foreground_position, make_questions,
     )  # fmt: skip
     from training.train_visual_tokenizer import VisualTokenizerTrainingArguments, train as train_tokenizer
 
     # 1. Visual tokenizer.
     vt_args = VisualTokenizerTrainingArguments(
         output_dir=os.path.join(args.output_dir, "visual_tokenizer"), max_steps=args.tokenizer_steps, seed=args.seed,
-        image_size=args.image_size, learning_rate=3e-3,
+        image_size=args.image_size, learning_rate=3e-3, prefix_loss_weight=args.prefix_loss_weight,
         # One halving per level after the first: an 8x8 token grid for 16-pixel images (1, 2, 4, 8 scales).
         channel_multipliers="1,2" if args.image_size == 16 else "1,2,2",
     )  # fmt: skip
@@ -141,14 +160,21 @@ def main(argv=None) -> dict:
     for s in range(2000):
         _, scene = draw_scene(1_000_000 + s)
         corpus.append(caption(scene))
+        first = scene.shapes[0]
+        corpus.append(drawing_prompt(first.color, first.kind, first.position))
         corpus += [f"Q: {qa.question} A: {qa.answer}" for qa in make_questions(scene, rng)]
+        corpus.append(f"Q: {CAPTION_QUESTION} A: {caption(scene)}")
     text_tokenizer = add_vision_tokens(train_text_tokenizer(corpus, vocab_size=512))
     processor = Ernie5Processor(Ernie5ImageProcessor(size=args.image_size), text_tokenizer)
 
     # 3. Model.
     vision = Ernie5VisionConfig(tokenizer_config=visual_tokenizer.config.to_dict())
+    heads = max(1, args.hidden_size // 16)
     config = Ernie5Config.from_preset(
-        "tiny", vocab_size=len(text_tokenizer), vision_config=vision, pad_token_id=text_tokenizer.pad_token_id,
+        "tiny", hidden_size=args.hidden_size, num_hidden_layers=args.num_layers, num_attention_heads=heads,
+        num_key_value_heads=max(1, heads // 2), intermediate_size=2 * args.hidden_size,
+        moe_intermediate_size=args.hidden_size // 2,
+        vocab_size=len(text_tokenizer), vision_config=vision, pad_token_id=text_tokenizer.pad_token_id,
         bos_token_id=text_tokenizer.bos_token_id, eos_token_id=text_tokenizer.eos_token_id, **processor.vision_token_ids(),
     )  # fmt: skip
     processor = Ernie5Processor.from_config(processor.image_processor, text_tokenizer, config)
@@ -169,10 +195,14 @@ def main(argv=None) -> dict:
     for step in bar:
         items = []
         while len(items) < args.batch_size:
-            image, qas = understanding_sample(rng.randrange(1_000_000), rng)
-            qa = rng.choice(qas)
-            items.append((image, qa.question, qa.answer))
-            train_answers[qa.kind][qa.answer] += 1
+            # Every question of the scene plus its caption: several grounded answers per image, where one answer
+            # per image mostly teaches answer priors.
+            image, scene, qas = understanding_sample(rng.randrange(1_000_000), rng)
+            turns = [(qa.question, qa.answer) for qa in qas]
+            turns.insert(rng.randrange(len(turns) + 1), (CAPTION_QUESTION, caption(scene)))
+            items.append((image, turns))
+            for qa in qas:
+                train_answers[qa.kind][qa.answer] += 1
         und = model(**build_understanding_batch(processor, items, text_tokenizer.eos_token))
         gen = model(**build_generation_batch(
             processor, [rng.randrange(1_000_000) for _ in range(args.batch_size)], rng, vision.cfg_dropout_prob
@@ -197,7 +227,7 @@ def main(argv=None) -> dict:
     eval_rng = random.Random(12345)
     items, qas = [], []
     for s in range(args.eval_scenes):
-        image, scene_qas = understanding_sample(5_000_000 + s, eval_rng)
+        image, _, scene_qas = understanding_sample(5_000_000 + s, eval_rng)
         for qa in scene_qas:
             items.append((image, qa.question, qa.answer))
             qas.append(qa)
@@ -224,32 +254,29 @@ def main(argv=None) -> dict:
         "answer_prior_baseline": sum(understanding[k]["answer_prior_baseline"] * understanding[k]["n"] for k in understanding) / len(qas),
     }  # fmt: skip
 
-    # 4b. Generation: every (colour, shape) prompt, checked for dominant colour and shape.
-    prompts = [(c, k) for c in COLORS for k in SHAPES for _ in range(args.gen_per_prompt)]
-    gen_batch = processor(text=[f"draw a {c} {k}<|image_gen|>" for c, k in prompts])
+    # 4b. Generation: every (colour, shape, position) prompt, checked for dominant colour, shape and position.
+    prompts = [(c, k, q) for c in COLORS for k in SHAPES for q in POSITIONS for _ in range(args.gen_per_prompt)]
+    gen_batch = processor(text=[f"{drawing_prompt(*p)}<|image_gen|>" for p in prompts])
     uncond = processor(text=["<|image_gen|>"] * len(prompts))
     images = model.generate_image(
         gen_batch["input_ids"], gen_batch["attention_mask"], guidance_scale=args.guidance_scale,
         uncond_input_ids=uncond["input_ids"], uncond_attention_mask=uncond["attention_mask"],
-        temperature=1.0, generator=torch.Generator().manual_seed(args.seed),
+        temperature=args.temperature, generator=torch.Generator().manual_seed(args.seed),
     )  # fmt: skip
-    color_hits = sum(dominant_color(im) == c for im, (c, _) in zip(images, prompts))
-    shape_hits = sum(classify_shape(im) == k for im, (_, k) in zip(images, prompts))
-    both_hits = sum(dominant_color(im) == c and classify_shape(im) == k for im, (c, k) in zip(images, prompts))
     # Ceiling: the same checkers on tokenizer reconstructions of real single-shape images.
     real = [draw_scene(9_000_000 + i, size=args.image_size, max_shapes=1) for i in range(len(prompts))]
     with torch.no_grad():
         px = processor.image_processor([im for im, _ in real], return_tensors="pt")["pixel_values"]
         recon = processor.image_processor.postprocess(visual_tokenizer.decode(visual_tokenizer.encode(px)))
-    ceiling_color = sum(dominant_color(im) == sc.shapes[0].color for im, (_, sc) in zip(recon, real)) / len(real)
-    ceiling_shape = sum(classify_shape(im) == sc.shapes[0].kind for im, (_, sc) in zip(recon, real)) / len(real)
-    generation = {
-        "n": len(prompts), "guidance_scale": args.guidance_scale,
-        "color_match": color_hits / len(prompts), "color_chance": 1 / len(COLORS),
-        "shape_match": shape_hits / len(prompts), "shape_chance": 1 / len(SHAPES),
-        "both_match": both_hits / len(prompts), "both_chance": 1 / (len(COLORS) * len(SHAPES)),
-        "tokenizer_ceiling_color": ceiling_color, "tokenizer_ceiling_shape": ceiling_shape,
+    real_prompts = [(sc.shapes[0].color, sc.shapes[0].kind, sc.shapes[0].position) for _, sc in real]
+    generation = {"n": len(prompts), "guidance_scale": args.guidance_scale, "temperature": args.temperature}
+    generation |= match_rates(images, prompts, dominant_color, classify_shape, foreground_position)
+    generation |= {
+        "color_chance": 1 / len(COLORS), "shape_chance": 1 / len(SHAPES), "position_chance": 1 / len(POSITIONS),
+        "all_chance": 1 / (len(COLORS) * len(SHAPES) * len(POSITIONS)),
     }  # fmt: skip
+    ceiling = match_rates(recon, real_prompts, dominant_color, classify_shape, foreground_position)
+    generation |= {f"tokenizer_ceiling_{k.removesuffix('_match')}": v for k, v in ceiling.items()}
     save_generation_grid(images, prompts, os.path.join(args.output_dir, "generated.png"))
     save_loss_plot(log, os.path.join(args.output_dir, "losses.png"))
 
@@ -269,7 +296,18 @@ def main(argv=None) -> dict:
     return results
 
 
-def save_generation_grid(images, prompts, path, cols: int = 9):
+def match_rates(images, prompts, *checkers) -> dict:
+    """Fraction of images whose checked attribute equals the prompt's, per attribute and for all at once."""
+    names = ("color", "shape", "position")
+    found = [[check(im) for check in checkers] for im in images]
+    rates = {
+        f"{name}_match": sum(f[i] == p[i] for f, p in zip(found, prompts)) / len(prompts) for i, name in enumerate(names)
+    }
+    rates["all_match"] = sum(all(a == b for a, b in zip(f, p)) for f, p in zip(found, prompts)) / len(prompts)
+    return rates
+
+
+def save_generation_grid(images, prompts, path, cols: int = 12):
     import matplotlib
 
     matplotlib.use("Agg")
@@ -281,7 +319,7 @@ def save_generation_grid(images, prompts, path, cols: int = 9):
         ax.axis("off")
         if i < len(images):
             ax.imshow(images[i], interpolation="nearest")
-            ax.set_title(f"{prompts[i][0]} {prompts[i][1]}", fontsize=6)
+            ax.set_title(" ".join(prompts[i]), fontsize=5)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)

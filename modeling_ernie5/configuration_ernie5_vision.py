@@ -32,6 +32,9 @@ class Ernie5VisualTokenizerConfig(PretrainedConfig):
         scale_schedule (`list[int]`, *optional*): token-grid side of every scale, coarse to fine; the last must equal
             the latent grid. Defaults to powers of two up to the latent grid (1, 2, 4, 8 for 32-pixel images).
         commitment_weight (`float`, *optional*, defaults to 0.25): weight of the encoder commitment loss.
+        prefix_loss_weight (`float`, *optional*, defaults to 0.0): weight of a second reconstruction loss that decodes
+            the sum of only the first scales (a random prefix per step). It pushes the image's layout and colours
+            into the coarse scales, which is what next-scale generation decides first; 0 trains on the full sum only.
     """
 
     model_type = "ernie5_visual_tokenizer"
@@ -46,6 +49,7 @@ class Ernie5VisualTokenizerConfig(PretrainedConfig):
         codebook_bits: int = 8,
         scale_schedule: list[int] | None = None,
         commitment_weight: float = 0.25,
+        prefix_loss_weight: float = 0.0,
         **kwargs,
     ):
         self.num_channels = num_channels
@@ -60,6 +64,7 @@ class Ernie5VisualTokenizerConfig(PretrainedConfig):
                 scale_schedule.append(self.latent_size)
         self.scale_schedule = list(scale_schedule)
         self.commitment_weight = commitment_weight
+        self.prefix_loss_weight = prefix_loss_weight
         super().__init__(**kwargs)
         self.validate_tokenizer()
 
@@ -76,6 +81,8 @@ class Ernie5VisualTokenizerConfig(PretrainedConfig):
         return sum(s * s for s in self.scale_schedule)
 
     def validate_tokenizer(self) -> None:
+        if self.prefix_loss_weight < 0:
+            raise ValueError(f"Ernie5VisualTokenizerConfig.prefix_loss_weight must be >= 0, got {self.prefix_loss_weight}")
         for name in ("num_channels", "image_size", "base_channels", "num_res_blocks", "codebook_bits"):
             value = getattr(self, name)
             if not isinstance(value, int) or value <= 0:

@@ -16,6 +16,7 @@ guidance; text answers about images come from the usual `generate`.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -308,7 +309,7 @@ class Ernie5ForConditionalGeneration(Ernie5ForCausalLM):
         guidance_scale: float = 1.0,
         uncond_input_ids: torch.LongTensor | None = None,
         uncond_attention_mask: torch.Tensor | None = None,
-        temperature: float = 1.0,
+        temperature: float | Sequence[float] = 1.0,
         generator: torch.Generator | None = None,
         return_bits: bool = False,
     ):
@@ -322,7 +323,8 @@ class Ernie5ForConditionalGeneration(Ernie5ForCausalLM):
             uncond_input_ids (`torch.LongTensor`, *optional*): unconditional prompts (same length as `input_ids`);
                 defaults to `<boi>` alone.
             uncond_attention_mask (`torch.Tensor`, *optional*): their mask.
-            temperature (`float`, *optional*, defaults to 1.0): bit sampling temperature; 0 takes the likelier bit.
+            temperature (`float` or `list[float]`, *optional*, defaults to 1.0): bit sampling temperature, one for
+                all scales or one per scale (coarse to fine); 0 takes the likelier bit.
             generator (`torch.Generator`, *optional*): for reproducible sampling.
             return_bits (`bool`, *optional*): also return the per-scale bits.
 
@@ -340,6 +342,12 @@ class Ernie5ForConditionalGeneration(Ernie5ForCausalLM):
             attention_mask = torch.ones_like(input_ids)
         if (input_ids[:, -1] != self.config.boi_token_id).any():
             raise ValueError("every prompt must end with the <boi> token (left-pad prompts of different lengths)")
+        schedule = self.model.vision.scale_schedule
+        temperatures = [float(temperature)] * len(schedule) if isinstance(temperature, (int, float)) else list(temperature)
+        if len(temperatures) != len(schedule) or min(temperatures) < 0:
+            raise ValueError(
+                f"temperature must be >= 0, one value or one per scale ({len(schedule)}), got {temperature!r}"
+            )
         use_cfg = guidance_scale != 1.0
         if use_cfg:
             if uncond_input_ids is None:
@@ -361,7 +369,6 @@ class Ernie5ForConditionalGeneration(Ernie5ForCausalLM):
         mask = build_block_causal_mask(blocks, attention_mask, dtype)
         self.model(input_ids=input_ids, attention_mask=mask, position_ids=positions, cache=cache, use_cache=True)
         start = positions.amax(dim=(0, 2)) + 1  # (rows,) image frame index = next text counter
-        schedule = self.model.vision.scale_schedule
         full = schedule[-1]
         key_mask = attention_mask.bool()
         bits: list[torch.Tensor] = []
@@ -377,10 +384,10 @@ class Ernie5ForConditionalGeneration(Ernie5ForCausalLM):
             if use_cfg:
                 cond, uncond = logits[:batch], logits[batch:]
                 logits = uncond + guidance_scale * (cond - uncond)
-            if temperature == 0:
+            if temperatures[k] == 0:
                 sampled = (logits > 0).to(torch.uint8)
             else:
-                probs = torch.sigmoid(logits / temperature)
+                probs = torch.sigmoid(logits / temperatures[k])
                 sampled = (torch.rand(probs.shape, generator=generator, device=probs.device) < probs).to(torch.uint8)
             sampled = sampled.view(batch, s, s, bit_count)
             bits.append(torch.cat([sampled, sampled]) if use_cfg else sampled)

@@ -2,13 +2,15 @@
 
 A causal convolutional encoder/decoder (3D convolutions padded only towards the past in time, so an image is a
 one-frame video and the same weights extend to video) with Infinity-style multi-scale residual bitwise
-quantisation: the latent map (standardised per frame and channel) is quantised scale by scale from a 1x1 grid up to the full latent grid; at every
+quantisation: the latent map (standardised per channel with dataset statistics) is quantised scale by scale from a
+1x1 grid up to the full latent grid; at every
 scale each token is a group of `codebook_bits` signs (vocabulary 2^bits) of the area-downsampled residual left
 by the coarser scales, times a learned per-scale magnitude. Decoding sums the upsampled scales and runs the
 decoder, so `decode(encode(x))` reconstructs `x`.
 
-Losses run on CPU without pretrained networks: L1 + MSE reconstruction plus a commitment term. The adversarial
-and semantic losses of the report are left to the training script's optional flags.
+Losses run on CPU without pretrained networks: L1 + MSE reconstruction, a commitment term and (optionally) a
+reconstruction loss from coarse scales only. The report's adversarial and semantic losses are optional flags of the
+training script.
 
 Dimension letters: B batch, C channels, T frames, H/W pixel grid, h/w latent grid, D bits per token.
 """
@@ -155,12 +157,14 @@ class Ernie5MultiScaleBitQuantizer(nn.Module):
             total = up if total is None else total + up
         return total
 
-    def forward(self, z_BDhw: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
-        """Returns the quantised latent (straight-through gradients to `z`) and the per-scale bits."""
+    def forward(self, z_BDhw: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor], list[torch.Tensor]]:
+        """Returns the quantised latent (straight-through gradients to `z`), the per-scale bits and the partial
+        sums after each scale (the last one is the quantised latent)."""
         mags = self.magnitudes()
         residual = z_BDhw
         quantised = torch.zeros_like(z_BDhw)
         bits: list[torch.Tensor] = []
+        partial_sums: list[torch.Tensor] = []
         for k, s in enumerate(self.scale_schedule):
             r = F.adaptive_avg_pool2d(residual, s) if s != self.latent_size else residual
             sign = torch.where(r > 0, 1.0, -1.0)
@@ -170,7 +174,8 @@ class Ernie5MultiScaleBitQuantizer(nn.Module):
             up = self._up(q)
             quantised = quantised + up
             residual = residual - up
-        return quantised, bits
+            partial_sums.append(quantised)
+        return quantised, bits, partial_sums
 
 
 @dataclass
@@ -178,18 +183,24 @@ class Ernie5VisualTokenizerOutput(ModelOutput):
     """Output of `Ernie5VisualTokenizer.forward`.
 
     Args:
-        loss (`torch.FloatTensor`): reconstruction + commitment_weight * commitment.
+        loss (`torch.FloatTensor`): reconstruction + commitment_weight * commitment (+ prefix_loss_weight * prefix).
         reconstruction_loss (`torch.FloatTensor`): L1 + MSE between input and reconstruction.
         commitment_loss (`torch.FloatTensor`): MSE between latent and its quantisation.
+        prefix_loss (`torch.FloatTensor`, *optional*): L1 + MSE of the image decoded from a random prefix of the
+            scales (only with `config.prefix_loss_weight > 0`).
         reconstruction (`torch.FloatTensor`): decoded pixels, same shape as the input.
         bits (`list[torch.Tensor]`): per scale, (B, s, s, codebook_bits) uint8 bits.
+        features (`torch.FloatTensor`): encoder features before quantisation, (B*T, C_feat, h, w); the training
+            script's optional semantic regularisation aligns them with a vision foundation model.
     """
 
     loss: torch.Tensor | None = None
     reconstruction_loss: torch.Tensor | None = None
     commitment_loss: torch.Tensor | None = None
+    prefix_loss: torch.Tensor | None = None
     reconstruction: torch.Tensor | None = None
     bits: list[torch.Tensor] | None = None
+    features: torch.Tensor | None = None
 
 
 class Ernie5VisualTokenizer(PreTrainedModel):
@@ -222,6 +233,9 @@ class Ernie5VisualTokenizer(PreTrainedModel):
         self.encoder = Ernie5TokenizerEncoder(config)
         self.decoder = Ernie5TokenizerDecoder(config)
         self.quantizer = Ernie5MultiScaleBitQuantizer(config)
+        self.register_buffer("latent_mean", torch.zeros(config.codebook_bits))
+        self.register_buffer("latent_var", torch.ones(config.codebook_bits))
+        self.register_buffer("latent_batches", torch.zeros((), dtype=torch.long))
         self.post_init()
 
     @torch.no_grad()
@@ -267,13 +281,24 @@ class Ernie5VisualTokenizer(PreTrainedModel):
         b, c, t, h, w = x_BCThw.shape
         return x_BCThw.permute(0, 2, 1, 3, 4).reshape(b * t, c, h, w)
 
-    def _standardise(self, z_BDThw: torch.Tensor) -> torch.Tensor:
-        """Per frame and channel, zero mean and unit variance over the grid before quantisation.
+    def _standardise(self, z_BDThw: torch.Tensor, update_statistics: bool = False) -> torch.Tensor:
+        """Per channel, zero mean and unit variance with statistics over the training images (batch statistics and
+        a running average while the tokenizer trains, the running average everywhere else).
 
-        Without it many bits start (and stay) constant across a frame, and sign quantisation passes no spatial
-        information through them; standardised, every bit splits a frame's tokens about evenly from the start.
+        Without it many bits start (and stay) constant over the data, and sign quantisation passes nothing through
+        them. The statistics are shared by all images, not computed per image: per-image standardisation would
+        zero every frame's mean, leaving the 1x1 scale with noise instead of the image's global content (its
+        colour), and the coarse-to-fine order of next-scale generation would lose its first, easiest step.
         """
-        return F.instance_norm(self._frames(z_BDThw))
+        if update_statistics:
+            # A cumulative average over the first batches, then an exponential one that follows the encoder.
+            momentum = max(1.0 / (int(self.latent_batches) + 1), 0.1)
+            self.latent_batches += 1
+        else:
+            momentum = 0.0
+        return F.batch_norm(
+            self._frames(z_BDThw), self.latent_mean, self.latent_var, training=update_statistics, momentum=momentum
+        )
 
     def encode_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """Encoder features before quantisation, (B*T, C_feat, h, w): the CNN path of image understanding."""
@@ -283,7 +308,7 @@ class Ernie5VisualTokenizer(PreTrainedModel):
     def encode(self, pixel_values: torch.Tensor) -> list[torch.Tensor]:
         """Pixels in [-1, 1] -> per-scale bit tokens, each (B*T, s, s, codebook_bits) uint8."""
         _, z, _ = self._latent(pixel_values)
-        _, bits = self.quantizer(self._standardise(z))
+        _, bits, _ = self.quantizer(self._standardise(z))
         return bits
 
     def decode(self, bits: list[torch.Tensor]) -> torch.Tensor:
@@ -314,21 +339,29 @@ class Ernie5VisualTokenizer(PreTrainedModel):
         return out
 
     def forward(self, pixel_values: torch.Tensor, return_dict: bool = True, **kwargs) -> Ernie5VisualTokenizerOutput:
-        _, z, is_image = self._latent(pixel_values)
-        z = self._standardise(z)
-        quantised, bits = self.quantizer(z)
+        feats, z, is_image = self._latent(pixel_values)
+        z = self._standardise(z, update_statistics=self.training)
+        quantised, bits, partial_sums = self.quantizer(z)
         recon = self.decoder(quantised.unsqueeze(2)).squeeze(2)
         target = self._frames(self._as_video(pixel_values)[0])
         rec_loss = F.l1_loss(recon, target) + F.mse_loss(recon, target)
+        prefix_loss = None
+        if self.config.prefix_loss_weight > 0 and len(partial_sums) > 1:
+            k = int(torch.randint(len(partial_sums) - 1, ()))
+            coarse = self.decoder(partial_sums[k].unsqueeze(2)).squeeze(2)
+            prefix_loss = F.l1_loss(coarse, target) + F.mse_loss(coarse, target)
         # Two-sided commitment: the encoder is pulled toward its quantisation, and the per-scale magnitudes toward
         # the encoder's latent (the sign path carries no gradient to them otherwise).
         commit = F.mse_loss(z, quantised.detach()) + F.mse_loss(quantised, z.detach())
         loss = rec_loss + self.config.commitment_weight * commit
+        if prefix_loss is not None:
+            loss = loss + self.config.prefix_loss_weight * prefix_loss
         if not is_image:
             b = pixel_values.shape[0]
             recon = recon.view(b, -1, *recon.shape[1:]).permute(0, 2, 1, 3, 4)
         return Ernie5VisualTokenizerOutput(
-            loss=loss, reconstruction_loss=rec_loss, commitment_loss=commit, reconstruction=recon, bits=bits
+            loss=loss, reconstruction_loss=rec_loss, commitment_loss=commit, prefix_loss=prefix_loss,
+            reconstruction=recon, bits=bits, features=self._frames(feats),
         )
 
 

@@ -5,7 +5,7 @@ seed, so nothing is downloaded and the same seed always gives the same pixels, c
 questions. The task is measurable: `check_answer` is a strict checker (a prediction that names two
 candidate answers counts as wrong) and `chance_rate` gives the accuracy of a uniform guesser over the
 answer set of each question kind, so "far above chance" can be stated as a number.
-`dominant_color` and `classify_shape` are the checkers for generated images.
+`dominant_color`, `classify_shape` and `foreground_position` are the checkers for generated images.
 
 Example:
 
@@ -373,8 +373,26 @@ def classify_shape(image: Image.Image) -> str | None:
     return "circle" if fill > 0.62 else "triangle"
 
 
+def foreground_position(image: Image.Image) -> str | None:
+    """Quadrant (one of `POSITIONS`) of the foreground's centre of mass; `None` for a blank image."""
+    _, fg = _foreground(image)
+    if fg.sum() < 0.01 * fg.size:
+        return None
+    ys, xs = np.nonzero(fg)
+    h, w = fg.shape
+    return f"{'top' if ys.mean() < h / 2 else 'bottom'} {'left' if xs.mean() < w / 2 else 'right'}"
+
+
+def drawing_prompt(color: str, kind: str, position: str) -> str:
+    """The instruction the toy generation task is trained and measured on, e.g. "draw a red square at the top left"."""
+    for value, allowed, name in ((color, COLORS, "colour"), (kind, SHAPES, "shape"), (position, POSITIONS, "position")):
+        if value not in allowed:
+            raise ValueError(f"unknown {name} {value!r}; expected one of {list(allowed)}")
+    return f"draw a {color} {kind} at the {position}"
+
+
 __all__ = [
     "BACKGROUND", "COLORS", "POSITIONS", "QA", "QA_KINDS", "SHAPES", "Scene", "Shape", "WORDS", "caption",
-    "chance_rate", "check_answer", "classify_shape", "describe_scene", "dominant_color", "draw_scene",
-    "make_questions", "render_scene", "sample_scene",
+    "chance_rate", "check_answer", "classify_shape", "describe_scene", "dominant_color", "draw_scene", "drawing_prompt",
+    "foreground_position", "make_questions", "render_scene", "sample_scene",
 ]

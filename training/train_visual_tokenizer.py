@@ -2,8 +2,9 @@
 
 Losses that run on CPU without pretrained networks: L1 + MSE reconstruction and the two-sided commitment term of
 `Ernie5VisualTokenizer.forward`. An optional hinge-GAN loss from a small patch discriminator (`--adversarial_weight`)
-stands in for the report's adversarial loss; the report's semantic regularisation needs a large vision foundation
-model and is not provided here.
+stands in for the report's adversarial loss; the report's semantic regularisation is `--semantic_teacher DIR`: any
+transformers vision model saved locally (SigLIP, CLIP vision, DINOv2, ...) whose patch features the tokenizer's
+encoder features are aligned to through a linear head (cosine loss, `--semantic_weight`).
 
 Data: procedural toy-world scenes by default (`processing.toy_world`), or every image under `--image_dir`.
 
@@ -42,6 +43,13 @@ class VisualTokenizerTrainingArguments:
     batch_size: int = field(default=32, metadata={"help": "images per step"})
     learning_rate: float = field(default=2e-3, metadata={"help": "AdamW peak learning rate (cosine decay)"})
     adversarial_weight: float = field(default=0.0, metadata={"help": "hinge-GAN generator loss weight; 0 disables"})
+    prefix_loss_weight: float = field(
+        default=0.0, metadata={"help": "weight of the loss on images decoded from a random prefix of the scales"}
+    )
+    semantic_teacher: str | None = field(
+        default=None, metadata={"help": "local directory of a transformers vision model for semantic regularisation"}
+    )
+    semantic_weight: float = field(default=0.1, metadata={"help": "weight of the semantic (cosine) alignment loss"})
     eval_images: int = field(default=64, metadata={"help": "held-out images for the PSNR report"})
     seed: int = field(default=0, metadata={"help": "random seed"})
     log_every: int = field(default=25, metadata={"help": "log interval in steps"})
@@ -51,6 +59,10 @@ class VisualTokenizerTrainingArguments:
             raise ValueError("max_steps and batch_size must be >= 1")
         if self.adversarial_weight < 0:
             raise ValueError(f"adversarial_weight must be >= 0, got {self.adversarial_weight}")
+        if self.semantic_weight < 0:
+            raise ValueError(f"semantic_weight must be >= 0, got {self.semantic_weight}")
+        if self.semantic_teacher is not None and not os.path.isdir(self.semantic_teacher):
+            raise ValueError(f"semantic_teacher must be a local model directory, got {self.semantic_teacher!r}")
 
 
 class PatchDiscriminator(nn.Module):
@@ -66,6 +78,48 @@ class PatchDiscriminator(nn.Module):
 
     def forward(self, x):
         return self.net(x)
+
+
+class SemanticTeacher(nn.Module):
+    """Semantic regularisation: a frozen vision foundation model's patch features, resampled to the tokenizer's
+    latent grid, and a linear head from the tokenizer's encoder features to them; the loss is 1 - cosine similarity.
+
+    Args:
+        path (`str`): local directory of a transformers vision model taking `pixel_values` and returning
+            `last_hidden_state` patch features (a leading CLS token is dropped).
+        feature_channels (`int`): channels of the tokenizer's encoder features.
+    """
+
+    def __init__(self, path: str, feature_channels: int):
+        super().__init__()
+        from transformers import AutoConfig, AutoModel
+
+        config = AutoConfig.from_pretrained(path)
+        config = getattr(config, "vision_config", None) or config
+        self.teacher = AutoModel.from_pretrained(path)
+        if hasattr(self.teacher, "vision_model") and not hasattr(self.teacher, "embeddings"):
+            self.teacher = self.teacher.vision_model  # a two-tower checkpoint (CLIP, SigLIP): keep the image tower
+        self.teacher.requires_grad_(False).eval()
+        self.image_size = config.image_size
+        self.grid = config.image_size // config.patch_size
+        self.head = nn.Linear(feature_channels, config.hidden_size)
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        self.teacher.eval()  # frozen: no dropout, no statistics updates
+        return self
+
+    def loss(self, pixel_values: torch.Tensor, features_BChw: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            # Pixels are in [-1, 1], i.e. normalised with mean = std = 0.5 (the SigLIP convention).
+            x = F.interpolate(pixel_values, size=(self.image_size, self.image_size), mode="bilinear", align_corners=False)
+            target = self.teacher(pixel_values=x).last_hidden_state
+            if target.shape[1] == self.grid * self.grid + 1:
+                target = target[:, 1:]
+            target = target.transpose(1, 2).reshape(target.shape[0], -1, self.grid, self.grid)
+            target = F.interpolate(target, size=features_BChw.shape[-2:], mode="bilinear", align_corners=False)
+        pred = self.head(features_BChw.permute(0, 2, 3, 1))
+        return 1 - F.cosine_similarity(pred, target.permute(0, 2, 3, 1), dim=-1).mean()
 
 
 def toy_batch(seeds: list[int], image_size: int) -> torch.Tensor:
@@ -111,9 +165,12 @@ def train(args: VisualTokenizerTrainingArguments, progress: bool = True):
         codebook_bits=args.codebook_bits,
         base_channels=args.base_channels,
         channel_multipliers=[int(m) for m in args.channel_multipliers.split(",")],
+        prefix_loss_weight=args.prefix_loss_weight,
     )
     model = Ernie5VisualTokenizer(config)
-    opt = torch.optim.AdamW(model.parameters(), lr=args.learning_rate, betas=(0.9, 0.99))
+    semantic = SemanticTeacher(args.semantic_teacher, model.feature_channels) if args.semantic_teacher else None
+    params = list(model.parameters()) + (list(semantic.head.parameters()) if semantic is not None else [])
+    opt = torch.optim.AdamW(params, lr=args.learning_rate, betas=(0.9, 0.99))
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda s: min(1.0, (s + 1) / 20) * 0.5 * (1 + math.cos(math.pi * min(s / args.max_steps, 1.0)))
     )
@@ -140,6 +197,9 @@ def train(args: VisualTokenizerTrainingArguments, progress: bool = True):
             x = toy_batch([rng.randrange(10_000_000) for _ in range(args.batch_size)], args.image_size)
         out = model(x)
         loss = out.loss
+        semantic_loss = semantic.loss(x, out.features) if semantic is not None else None
+        if semantic_loss is not None:
+            loss = loss + args.semantic_weight * semantic_loss
         if disc is not None:
             loss = loss - args.adversarial_weight * disc(out.reconstruction).mean()
         opt.zero_grad(set_to_none=True)
@@ -154,7 +214,10 @@ def train(args: VisualTokenizerTrainingArguments, progress: bool = True):
             d_loss.backward()
             disc_opt.step()
         if step % args.log_every == 0 or step == args.max_steps - 1:
-            history.append({"step": step, "loss": out.loss.item(), "reconstruction": out.reconstruction_loss.item()})
+            record = {"step": step, "loss": out.loss.item(), "reconstruction": out.reconstruction_loss.item()}
+            if semantic_loss is not None:
+                record["semantic"] = semantic_loss.item()
+            history.append(record)
             bar.set_postfix(loss=f"{out.loss.item():.4f}")
 
     model.eval()

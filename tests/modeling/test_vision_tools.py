@@ -62,3 +62,25 @@ def test_train_visual_tokenizer_entry_point(tmp_path):
     assert tok.config.image_size == 16 and tok.config.scale_schedule == [1, 2, 4, 8]
     with pytest.raises(ValueError, match="adversarial_weight"):
         main(["--adversarial_weight", "-1"])
+
+
+def test_semantic_regularisation_aligns_encoder_features_with_a_local_teacher(tmp_path):
+    from transformers import SiglipVisionConfig, SiglipVisionModel
+
+    from training.train_visual_tokenizer import main
+
+    torch.manual_seed(0)
+    teacher_dir = tmp_path / "teacher"
+    teacher = SiglipVisionModel(SiglipVisionConfig(
+        image_size=32, patch_size=8, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+    ))  # fmt: skip
+    teacher.save_pretrained(teacher_dir)
+    metrics = main([
+        "--output_dir", str(tmp_path / "vt"), "--max_steps", "30", "--batch_size", "8", "--image_size", "16",
+        "--channel_multipliers", "1,2", "--eval_images", "4", "--semantic_teacher", str(teacher_dir),
+        "--semantic_weight", "0.5", "--log_every", "29",
+    ])  # fmt: skip
+    first, last = metrics["history"][0]["semantic"], metrics["history"][-1]["semantic"]
+    assert last < first, f"semantic loss did not fall: {first:.3f} -> {last:.3f}"
+    with pytest.raises(ValueError, match="semantic_teacher"):
+        main(["--semantic_teacher", str(tmp_path / "missing")])

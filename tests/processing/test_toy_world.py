@@ -17,6 +17,8 @@ from processing.toy_world import (
     describe_scene,
     dominant_color,
     draw_scene,
+    drawing_prompt,
+    foreground_position,
     make_questions,
 )
 
@@ -125,11 +127,31 @@ def test_image_checkers_recover_single_shapes():
     assert hits >= 57
 
 
+def test_position_checker_recovers_the_quadrant():
+    # Shapes centred near a midline can straddle it; count only those clearly inside a quadrant.
+    checked = hits = 0
+    for seed in range(80):
+        image, scene = draw_scene(seed, size=32, max_shapes=1)
+        shape = scene.shapes[0]
+        if min(abs(shape.center[0] - 0.5), abs(shape.center[1] - 0.5)) > 0.06:
+            checked += 1
+            hits += foreground_position(image) == shape.position
+    assert checked >= 40 and hits == checked
+
+
+def test_drawing_prompt_names_all_three_attributes_and_rejects_unknown_ones():
+    assert drawing_prompt("red", "square", "top left") == "draw a red square at the top left"
+    with pytest.raises(ValueError, match="position 'middle'"):
+        drawing_prompt("red", "square", "middle")
+    with pytest.raises(ValueError, match="colour 'pink'"):
+        drawing_prompt("pink", "square", "top left")
+
+
 def test_image_checkers_on_blank_image():
     from PIL import Image
 
     blank = Image.new("RGB", (32, 32), (24, 24, 24))
-    assert dominant_color(blank) is None and classify_shape(blank) is None
+    assert dominant_color(blank) is None and classify_shape(blank) is None and foreground_position(blank) is None
 
 
 def test_bad_arguments():
