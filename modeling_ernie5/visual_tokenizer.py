@@ -250,6 +250,11 @@ class Ernie5VisualTokenizer(PreTrainedModel):
         elif isinstance(module, Ernie5MultiScaleBitQuantizer):
             init = torch.tensor([0.5**k for k in range(len(module.scale_schedule))])
             module.magnitude_logits.copy_(torch.log(torch.expm1(init)))
+        elif isinstance(module, Ernie5VisualTokenizer):
+            # Buffers a checkpoint may lack are initialised like a fresh tokenizer's, never left as empty memory.
+            module.latent_mean.zero_()
+            module.latent_var.fill_(1.0)
+            module.latent_batches.zero_()
 
     @property
     def feature_channels(self) -> int:

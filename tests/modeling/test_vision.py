@@ -307,3 +307,16 @@ def test_vl_model_save_load_and_remote_code(tmp_path, model):
     env = {**os.environ, "PYTHONPATH": ""}
     result = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
     assert result.returncode == 0 and "remote ok" in result.stdout, result.stderr[-3000:]
+
+
+def test_tokenizer_statistics_missing_from_a_checkpoint_start_fresh(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    Ernie5VisualTokenizer(Ernie5VisualTokenizerConfig(base_channels=8)).save_pretrained(tmp_path)
+    weights = load_file(tmp_path / "model.safetensors")
+    for name in ("latent_mean", "latent_var", "latent_batches"):
+        weights.pop(name)
+    save_file(weights, tmp_path / "model.safetensors", metadata={"format": "pt"})
+    tok = Ernie5VisualTokenizer.from_pretrained(tmp_path)
+    assert torch.equal(tok.latent_mean, torch.zeros(8)) and torch.equal(tok.latent_var, torch.ones(8))
+    assert int(tok.latent_batches) == 0
