@@ -316,8 +316,10 @@ def main(argv=None) -> int:
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--smoke", action="store_true", help="tiny sizes; runs on CPU under TRITON_INTERPRET=1")
     parser.add_argument("--iters", type=int, default=None)
-    parser.add_argument("--out", type=Path, default=RESULTS / "gpu_moe.json")
+    parser.add_argument("--out", type=Path, default=None, help="defaults to results/gpu_moe.json (gpu_moe_smoke.json with --smoke)")
     args = parser.parse_args(argv)
+    if args.out is None:  # a CPU smoke run must never pass for (or overwrite) a real GPU result
+        args.out = RESULTS / ("gpu_moe_smoke.json" if args.smoke else "gpu_moe.json")
     if torch.cuda.is_available():
         device = torch.device("cuda")
         torch.backends.cuda.matmul.allow_tf32 = False  # correctness pass compares against IEEE fp32

@@ -1,0 +1,27 @@
+"""`benchmarks/gpu_moe.py --smoke`: the GPU script runs end to end under Triton's interpreter and its correctness
+pass finds every launcher within tolerance, so the one run a lent GPU gets is not spent on a crash."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+@pytest.mark.slow
+def test_gpu_script_smoke_run_under_the_interpreter(tmp_path):
+    out = tmp_path / "smoke.json"
+    env = dict(os.environ, TRITON_INTERPRET="1", OMP_NUM_THREADS="1")
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "gpu_moe.py"), "--smoke", "--out", str(out)],
+        env=env, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    report = json.loads(out.read_text())
+    assert report["correctness_failures"] == []
+    assert report["launchers"] and all(err < 1e-3 for err in report["launchers"].values())
+    assert report["points"], "no timing point was written"
