@@ -27,6 +27,8 @@ from training.rl import (
 )
 from training.rl_stabilisers import UnbiasedReplayBuffer
 
+from rl_config import rl_config
+
 
 def length_reward(completions, **kwargs):
     """Varies across completions, so advantages are non-zero and the policy moves even when untrained."""
@@ -47,24 +49,9 @@ def model_dir(tokenizer, tiny_ernie5, tmp_path_factory):
 
 
 def rl_args(tmp_path, **overrides):
-    base = dict(
-        output_dir=str(tmp_path / "out"),
-        use_cpu=True,
-        bf16=False,
-        gradient_checkpointing=False,
-        report_to="none",
-        save_strategy="no",
-        per_device_train_batch_size=8,
-        num_generations=4,
-        max_completion_length=6,
-        max_steps=2,
-        learning_rate=1e-3,
-        logging_steps=1,
-        beta=0.0,
-        seed=0,
-    )
-    base.update(overrides)
-    return RLConfig(**base)
+    fields = dict(per_device_train_batch_size=8, num_generations=4, max_completion_length=6, max_steps=2,
+                  learning_rate=1e-3)  # fmt: skip
+    return rl_config(tmp_path, **(fields | overrides))
 
 
 def logged(trainer, key):

@@ -10,8 +10,10 @@ import torch
 
 import modeling_ernie5  # noqa: F401
 from modeling_ernie5 import Ernie5ForCausalLM
-from training.rl import RLConfig, RLTrainer, toy_world_dataset
+from training.rl import RLTrainer, toy_world_dataset
 from training.rl_stabilisers import UnbiasedReplayBuffer
+
+from rl_config import rl_config
 
 GROUP_PROMPTS = 2  # per_device_train_batch_size / num_generations: prompts per iteration group
 NUM_GENERATIONS = 2
@@ -40,29 +42,19 @@ def model_dir(tokenizer, dataset, tiny_ernie5, tmp_path_factory):
 
 
 def urb_args(tmp_path, **overrides):
-    base = dict(
-        output_dir=str(tmp_path / "out"),
-        use_cpu=True,
-        bf16=False,
-        gradient_checkpointing=False,
-        report_to="none",
-        save_strategy="no",
+    fields = dict(
         per_device_train_batch_size=GROUP_PROMPTS * NUM_GENERATIONS,
         num_generations=NUM_GENERATIONS,
         max_completion_length=12,
         max_steps=STEPS,
         learning_rate=1e-5,  # small: the EOS propensity, hence the spread of rollout lengths, stays put
-        logging_steps=1,
-        beta=0.0,
-        seed=0,
         shuffle_dataset=False,
         use_urb=True,
         urb_buffer_size=2,
         urb_chunk_tokens=2,
         plot=False,
     )
-    base.update(overrides)
-    return RLConfig(**base)
+    return rl_config(tmp_path, **(fields | overrides))
 
 
 class Recorder:
