@@ -139,8 +139,8 @@ def main(argv=None) -> dict:
     from processing.processing_ernie5 import Ernie5Processor, add_vision_tokens
     from processing.tokenizer import train_text_tokenizer
     from processing.toy_world import (
-        COLORS, POSITIONS, SHAPES, QA_KINDS, caption, chance_rate, check_answer, classify_shape, dominant_color,
-        draw_scene, drawing_prompt, foreground_position, make_questions,
+        COLORS, POSITIONS, SHAPES, QA_KINDS, caption, chance_rate, check_answer, draw_scene, drawing_prompt,
+        make_questions,
     )  # fmt: skip
     from training.train_visual_tokenizer import VisualTokenizerTrainingArguments, train as train_tokenizer
 
@@ -270,12 +270,12 @@ def main(argv=None) -> dict:
         recon = processor.image_processor.postprocess(visual_tokenizer.decode(visual_tokenizer.encode(px)))
     real_prompts = [(sc.shapes[0].color, sc.shapes[0].kind, sc.shapes[0].position) for _, sc in real]
     generation = {"n": len(prompts), "guidance_scale": args.guidance_scale, "temperature": args.temperature}
-    generation |= match_rates(images, prompts, dominant_color, classify_shape, foreground_position)
+    generation |= match_rates(images, prompts)
     generation |= {
         "color_chance": 1 / len(COLORS), "shape_chance": 1 / len(SHAPES), "position_chance": 1 / len(POSITIONS),
         "all_chance": 1 / (len(COLORS) * len(SHAPES) * len(POSITIONS)),
     }  # fmt: skip
-    ceiling = match_rates(recon, real_prompts, dominant_color, classify_shape, foreground_position)
+    ceiling = match_rates(recon, real_prompts)
     generation |= {f"tokenizer_ceiling_{k.removesuffix('_match')}": v for k, v in ceiling.items()}
     save_generation_grid(images, prompts, os.path.join(args.output_dir, "generated.png"))
     save_loss_plot(log, os.path.join(args.output_dir, "losses.png"))
@@ -296,10 +296,13 @@ def main(argv=None) -> dict:
     return results
 
 
-def match_rates(images, prompts, *checkers) -> dict:
-    """Fraction of images whose checked attribute equals the prompt's, per attribute and for all at once."""
+def match_rates(images, prompts) -> dict:
+    """Fraction of images whose dominant colour, shape and quadrant equal the (colour, shape, position) prompt's,
+    per attribute and all three at once."""
+    from processing.toy_world import classify_shape, dominant_color, foreground_position
+
     names = ("color", "shape", "position")
-    found = [[check(im) for check in checkers] for im in images]
+    found = [(dominant_color(im), classify_shape(im), foreground_position(im)) for im in images]
     rates = {
         f"{name}_match": sum(f[i] == p[i] for f, p in zip(found, prompts)) / len(prompts) for i, name in enumerate(names)
     }

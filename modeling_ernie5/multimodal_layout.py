@@ -20,6 +20,7 @@ from dataclasses import dataclass
 
 import torch
 
+from .masks import build_block_causal_mask
 from .rope import image_position_ids
 
 
@@ -136,17 +137,12 @@ def layout_positions_and_blocks(
     return positions.to(input_ids.device), blocks.to(input_ids.device), deltas.to(input_ids.device)
 
 
-__all__ = ["ImageLayout", "layout_positions_and_blocks"]
-
-
 def image_positions_and_mask(input_ids: torch.Tensor, attention_mask: torch.Tensor | None, config, dtype):
     """Positions, block-causal mask and rope deltas for a prefill holding image tokens, or None without any.
 
     Shared by the backbone (which TRL and `generate` call directly) and `Ernie5ForConditionalGeneration`, so a
     sequence gets the same positions and mask whichever entry point it goes through.
     """
-    from .masks import build_block_causal_mask
-
     if config.vision_config is None or input_ids is None:
         return None
     if attention_mask is not None and attention_mask.dim() == 4:
@@ -155,5 +151,7 @@ def image_positions_and_mask(input_ids: torch.Tensor, attention_mask: torch.Tens
     if not bool(is_image.any()):
         return None
     positions, blocks, deltas = layout_positions_and_blocks(input_ids, attention_mask, ImageLayout.from_config(config))
-    return positions.to(input_ids.device), build_block_causal_mask(blocks, attention_mask, dtype), deltas
+    return positions, build_block_causal_mask(blocks, attention_mask, dtype), deltas
 
+
+__all__ = ["ImageLayout", "image_positions_and_mask", "layout_positions_and_blocks"]

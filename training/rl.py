@@ -52,6 +52,7 @@ A YAML or JSON config holds the same keys as the flags (`--config` accepts eithe
 from __future__ import annotations
 
 import contextlib
+import copy
 import json
 import logging
 import os
@@ -382,15 +383,13 @@ class RolloutEngine:
         self.copy = None
         self.synced_step = -1
         if self.dtype is not None or experts_backend is not None:
-            import copy as copy_module
-
             if hasattr(policy, "get_base_model"):
                 raise ValueError(
                     "a separate rollout copy (rollout_dtype / rollout_experts_backend) is not supported for peft "
                     "models; merge the adapter first or generate with the policy (leave both unset)"
                 )
 
-            config = copy_module.deepcopy(policy.config)
+            config = copy.deepcopy(policy.config)
             if experts_backend is not None:
                 if not hasattr(config, "experts_backend"):
                     raise ValueError("rollout_experts_backend applies to ERNIE 5.0 models only")
@@ -399,7 +398,7 @@ class RolloutEngine:
             self.copy = type(policy)(config)
             self.copy.load_state_dict(policy.state_dict())
             self.copy.to(device=next(policy.parameters()).device, dtype=self.dtype or next(policy.parameters()).dtype)
-            self.copy.generation_config = copy_module.deepcopy(policy.generation_config)
+            self.copy.generation_config = copy.deepcopy(policy.generation_config)
             self.copy.eval()
             self.copy.requires_grad_(False)
 
@@ -423,6 +422,15 @@ def _left_pad(rows: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.T
             ids[i, width - len(r) :] = torch.tensor(r, dtype=torch.long)
             mask[i, width - len(r) :] = 1
     return ids, mask
+
+
+def _kept_tokens(new: list[int], room: int, eos_ids: set[int]) -> tuple[int, bool]:
+    """How many freshly generated tokens a resumed rollout keeps: at most `room`, and up to and including its first
+    EOS (a batch member that stopped early is padded after it). Returns `(count, whether an EOS ended it)`."""
+    for i, token in enumerate(new[:room]):
+        if token in eos_ids:
+            return i + 1, True
+    return min(room, len(new)), False
 
 
 def hf_chunked_advance(model, tokenizer, chunk_tokens: int, max_new_tokens: int, **generate_kwargs):
@@ -449,12 +457,9 @@ def hf_chunked_advance(model, tokenizer, chunk_tokens: int, max_new_tokens: int,
             )  # fmt: skip
         results = []
         for state, new in zip(states, out[:, ids.shape[1] :].tolist()):
-            room = max_new_tokens - len(state["completion_ids"])
-            new = new[:room]
-            if eos in new:
-                new = new[: new.index(eos) + 1]
-            completion = state["completion_ids"] + new
-            finished = (eos in new) or len(completion) >= max_new_tokens
+            n, hit_eos = _kept_tokens(new, max_new_tokens - len(state["completion_ids"]), {eos})
+            completion = state["completion_ids"] + new[:n]
+            finished = hit_eos or len(completion) >= max_new_tokens
             results.append(({"prompt_ids": state["prompt_ids"], "completion_ids": completion}, finished))
         return results
 
@@ -538,13 +543,7 @@ class RLTrainer(GRPOTrainer):
         model = self.rollout_engine.model(policy, self.state.global_step)
         recorder = RoutingRecorder(model)
         if getattr(self, "_rollout_generation_config", None) is None:
-            import copy as copy_module
-
-            self._rollout_generation_config = copy_module.deepcopy(self.generation_config)
-            self._rollout_generation_config.output_logits = True
-            self._rollout_generation_config.return_dict_in_generate = True
-            # TRL turns `use_cache` off in the model config; a rollout engine decodes with its KV cache.
-            self._rollout_generation_config.use_cache = True
+            self._rollout_generation_config = self._generation_config_with_logits()
         with torch.no_grad(), eval_mode(model), recorder:
             out = model.generate(input_ids=ids, attention_mask=mask, generation_config=self._rollout_generation_config)
         completion = out.sequences[:, ids.shape[1] :]
@@ -562,6 +561,15 @@ class RLTrainer(GRPOTrainer):
             "steps": recorder.calls[1:],
         }
         return completion_ids, sampling_logps
+
+    def _generation_config_with_logits(self):
+        """TRL's generation config, returning the per-step logits (for the sampling log-probs) and decoding with the
+        KV cache, which TRL turns off in the model config."""
+        config = copy.deepcopy(self.generation_config)
+        config.output_logits = True
+        config.return_dict_in_generate = True
+        config.use_cache = True
+        return config
 
     # -- U-RB -------------------------------------------------------------------------------------------------------
 
@@ -708,13 +716,8 @@ class RLTrainer(GRPOTrainer):
         ids, mask = _left_pad([s["prompt_ids"] + s["completion_ids"] for s in states], self._tokenizer.pad_token_id)
         policy = self.accelerator.unwrap_model(self.model)
         model = self.rollout_engine.model(policy, self.state.global_step)
-        if self._urb_generation_config is None:
-            import copy as copy_module
-
-            self._urb_generation_config = copy_module.deepcopy(self.generation_config)
-            self._urb_generation_config.output_logits = True
-            self._urb_generation_config.return_dict_in_generate = True
-            self._urb_generation_config.use_cache = True
+        if self._urb_generation_config is None:  # its own copy: max_new_tokens changes every tick
+            self._urb_generation_config = self._generation_config_with_logits()
         config = self._urb_generation_config
         config.max_new_tokens = budget
         with torch.no_grad(), eval_mode(model):
@@ -726,10 +729,7 @@ class RLTrainer(GRPOTrainer):
         step = self.state.global_step
         results = []
         for state, space, new, lps in zip(states, room, new_BT.tolist(), logps_BT.cpu().tolist()):
-            n = min(space, len(new))
-            hit = next((i for i, t in enumerate(new[:n]) if t in eos), None)
-            if hit is not None:
-                n = hit + 1
+            n, hit_eos = _kept_tokens(new, space, eos)
             completion = state["completion_ids"] + new[:n]
             results.append(
                 (
@@ -739,7 +739,7 @@ class RLTrainer(GRPOTrainer):
                         "logps": state["logps"] + lps[:n],
                         "steps": state["steps"] + [step] * n,
                     },
-                    hit is not None or len(completion) >= limit,
+                    hit_eos or len(completion) >= limit,
                 )
             )
         return results

@@ -51,6 +51,7 @@ MATMUL_DRIVERS = ("auto", "grouped_mm", "loop")
 # T=4096; 128 was ~8% slower (per-op overhead), and one unchunked pass loses the cache reuse.
 CHUNK_ROWS = 512
 
+
 # --- driver choice and chunking -----------------------------------------------------------------------------------
 def _aligned(t: torch.Tensor) -> bool:
     if t.data_ptr() % 16:
