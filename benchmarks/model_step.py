@@ -7,6 +7,9 @@ and without multi-token prediction so that both do the same work per token (its 
 stay on: they are part of the model). The experts back-end of every candidate is set explicitly: ours through
 `config.experts_backend`, transformers' through `config._experts_implementation`.
 
+`ernie5:cpu+fused_ce` is the same model with `config.fused_linear_cross_entropy` (the training loss computed
+without materialising the logits; it changes the training step only, decoding is identical).
+
 Two measurements, candidates interleaved in every round, medians reported with the load average:
 - training step: forward with labels + `loss.backward()` over a (batch, seq) batch, in tokens/s;
 - cached greedy decoding: `generate` of `--new-tokens` tokens after a short prompt (DynamicCache), in tokens/s.
@@ -70,10 +73,11 @@ def build_models(dtype: torch.dtype, seed: int = 0):
 
 
 def candidates(ernie, qwen, include_slow: bool, tokens: int):
-    def ours(backend):
+    def ours(backend, fused_loss=False):
         def setup():
             ernie.config._experts_implementation = "eager"  # Ernie5Experts.forward -> our registry
             ernie.config.experts_backend = backend
+            ernie.config.fused_linear_cross_entropy = fused_loss
         return setup
 
     def theirs(impl):
@@ -81,7 +85,11 @@ def candidates(ernie, qwen, include_slow: bool, tokens: int):
             qwen.config._experts_implementation = impl
         return setup
 
-    out = [("ernie5:cpu", ernie, ours("cpu")), ("qwen3:grouped_mm", qwen, theirs("grouped_mm"))]
+    out = [
+        ("ernie5:cpu", ernie, ours("cpu")),
+        ("ernie5:cpu+fused_ce", ernie, ours("cpu", fused_loss=True)),
+        ("qwen3:grouped_mm", qwen, theirs("grouped_mm")),
+    ]
     if include_slow:
         out += [("ernie5:reference", ernie, ours("reference")), ("qwen3:eager", qwen, theirs("eager"))]
     # batched_mm copies every chosen expert's weights per (token, slot): only small batches.
@@ -173,10 +181,10 @@ def print_table(report: dict) -> None:
         f"{report['decode']['batch']}x{report['decode']['new_tokens']} new tokens (median of {report['rounds']}; "
         f"load {report['loadavg_before']:.1f}->{report['loadavg_after']:.1f})"
     )
-    print(f"{'impl':<18}{'step ms':>10}{'train tok/s':>13}{'xHF':>7}{'decode ms':>11}{'dec tok/s':>11}{'xHF':>7}")
+    print(f"{'impl':<22}{'step ms':>10}{'train tok/s':>13}{'xHF':>7}{'decode ms':>11}{'dec tok/s':>11}{'xHF':>7}")
     for name, row in report["results"].items():
         print(
-            f"{name:<18}{row['train_step_s'] * 1e3:>10.1f}{row['train_tokens_per_s']:>13.0f}{row['train_vs_hf_best']:>7.2f}"
+            f"{name:<22}{row['train_step_s'] * 1e3:>10.1f}{row['train_tokens_per_s']:>13.0f}{row['train_vs_hf_best']:>7.2f}"
             f"{row['decode_s'] * 1e3:>11.1f}{row['decode_tokens_per_s']:>11.1f}{row['decode_vs_hf_best']:>7.2f}"
         )
 

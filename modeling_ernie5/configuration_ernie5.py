@@ -84,6 +84,11 @@ class Ernie5Config(PretrainedConfig):
             Depth of multi-token prediction (DeepSeek-V3 style MTP modules); 0 disables MTP.
         mtp_loss_weight (`float`, *optional*, defaults to 0.3):
             Weight of the mean MTP loss added to the next-token loss (ERNIE 5.0 §3.2).
+        fused_linear_cross_entropy (`bool`, *optional*, defaults to `False`):
+            In training with labels, compute the language-model (and MTP) losses chunk by chunk from the hidden
+            states without materialising the logits (`modeling_ernie5.linear_cross_entropy`): less memory and a
+            faster step with large vocabularies, but the output's `logits` is then `None`, which trainers that read
+            the logits (e.g. TRL's token-accuracy metrics) do not accept.
         experts_backend (`str`, *optional*, defaults to `"auto"`):
             Expert-compute back-end: `"auto"` (fastest available), `"reference"`, or any name registered with
             `modeling_ernie5.moe.register_experts_backend` (the package registers `"cpu"` and `"triton"`).
@@ -169,6 +174,7 @@ class Ernie5Config(PretrainedConfig):
         router_z_loss_coef: float = 0.0,
         num_nextn_predict_layers: int = 1,
         mtp_loss_weight: float = 0.3,
+        fused_linear_cross_entropy: bool = False,
         experts_backend: str = "auto",
         elastic_depth_full_prob: float = 0.75,
         elastic_layer_retain_prob: float = 0.75,
@@ -216,6 +222,7 @@ class Ernie5Config(PretrainedConfig):
         self.router_z_loss_coef = router_z_loss_coef
         self.num_nextn_predict_layers = num_nextn_predict_layers
         self.mtp_loss_weight = mtp_loss_weight
+        self.fused_linear_cross_entropy = fused_linear_cross_entropy
         self.experts_backend = experts_backend
         self.elastic_depth_full_prob = elastic_depth_full_prob
         self.elastic_layer_retain_prob = elastic_layer_retain_prob

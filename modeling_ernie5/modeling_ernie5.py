@@ -26,6 +26,7 @@ from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 from .configuration_ernie5 import Ernie5Config
 from .elastic import ElasticSpec
+from .linear_cross_entropy import linear_cross_entropy
 from .masks import build_attention_mask
 from .multimodal_layout import image_positions_and_mask
 from .moe import Ernie5Experts, Ernie5ExpertsSwitchMixin, Ernie5MLP, Ernie5SparseMoeBlock, Ernie5TopKRouter
@@ -546,12 +547,10 @@ class Ernie5ForCausalLM(Ernie5PreTrainedModel, GenerationMixin):
             **kwargs,
         )
         hidden = outputs.last_hidden_state
-        slice_indices = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
-        logits = self.lm_head(hidden[:, slice_indices, :])
+        logits, lm_loss = self._logits_and_loss(hidden, labels, logits_to_keep, **kwargs)
 
-        loss = lm_loss = mtp_loss = aux_loss = z_loss = None
+        loss = mtp_loss = aux_loss = z_loss = None
         if labels is not None:
-            lm_loss = self.loss_function(logits, labels, self.vocab_size, **kwargs)
             loss = lm_loss
             # MTP is a training objective only: evaluation losses stay comparable to models without it.
             if len(self.mtp) and input_ids is not None and self.training:
@@ -585,6 +584,21 @@ class Ernie5ForCausalLM(Ernie5PreTrainedModel, GenerationMixin):
         result[CACHE_FIELD] = outputs[CACHE_FIELD]
         return result
 
+    def _logits_and_loss(self, hidden, labels=None, logits_to_keep: int | torch.Tensor = 0, **kwargs):
+        """`(logits, loss)` of the output head on `hidden`; the loss is None without labels, and the logits are
+        None when the fused loss (`config.fused_linear_cross_entropy`, training only) skipped them."""
+        fused = (
+            labels is not None and self.config.fused_linear_cross_entropy and self.training
+            and torch.is_grad_enabled() and isinstance(logits_to_keep, int) and logits_to_keep == 0
+        )  # fmt: skip
+        if fused:
+            loss_kwargs = {k: kwargs[k] for k in ("num_items_in_batch", "ignore_index", "shift_labels") if k in kwargs}
+            return None, linear_cross_entropy(hidden, self.lm_head.weight, labels, **loss_kwargs)
+        slice_indices = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
+        logits = self.lm_head(hidden[:, slice_indices, :])
+        loss = self.loss_function(logits, labels, self.vocab_size, **kwargs) if labels is not None else None
+        return logits, loss
+
     def _mtp_loss(self, outputs, input_ids, attention_mask, position_ids, labels, elastic_spec, **kwargs):
         """Mean over depths of the loss of predicting token t+d+1 (d = 1..D) at position t."""
         batch, seq = input_ids.shape
@@ -606,7 +620,7 @@ class Ernie5ForCausalLM(Ernie5PreTrainedModel, GenerationMixin):
             count_load = elastic_spec is None or elastic_spec.is_full
             hidden, normed, _ = module(hidden, self.model.embed_tokens(shifted_ids), mask, cos, sin, count_load)
             target = F.pad(labels[:, depth:], (0, depth), value=-100)
-            losses.append(self.loss_function(self.lm_head(normed), target, self.vocab_size, **kwargs))
+            losses.append(self._logits_and_loss(normed, target, **kwargs)[1])
         if not losses:
             return torch.zeros((), device=input_ids.device)
         return torch.stack(losses).mean()

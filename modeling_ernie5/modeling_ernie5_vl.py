@@ -222,13 +222,12 @@ class Ernie5ForConditionalGeneration(Ernie5ForCausalLM):
             **mm_inputs,
         )
         hidden = outputs.last_hidden_state
-        slice_indices = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
-        logits = self.lm_head(hidden[:, slice_indices, :])
+        logits, lm_loss = self._logits_and_loss(hidden, labels, logits_to_keep, **kwargs)
 
         result = Ernie5ConditionalGenerationOutput(logits=logits, rope_deltas=self.rope_deltas)
         result[CACHE_FIELD] = outputs[CACHE_FIELD]
         if labels is not None:
-            result.lm_loss = self.loss_function(logits, labels, self.vocab_size, **kwargs)
+            result.lm_loss = lm_loss
             if len(self.mtp) and input_ids is not None:
                 if position_ids is None:
                     position_ids = text_positions(attention_mask, *input_ids.shape, 0, input_ids.device)

@@ -27,6 +27,9 @@ MoE block: fwd+bwd 1.68 -> 1.26 s at T=4096 and 0.25 -> 0.22 s at T=512 against 
   short calls by ~15% when they follow each other at once, but on a VM that hands free huge pages back to the host
   it made T=512 fwd+bwd 25% slower when calls are more than ~1 s apart, so it is not done.)
 
+bf16/fp16 on a CPU without native half-precision matmul (AVX2 without AVX512-BF16/AMX) compute in fp32
+(`needs_fp32_compute`): PyTorch emulates half matmuls there several times slower than converting the operands.
+
 Off CPU (and when asked with `driver="grouped_mm"`) the whole batch is one chunk and the matmuls go through
 `torch.nn.functional.grouped_mm`, which on CUDA is one grouped kernel instead of a host loop.
 
@@ -124,7 +127,8 @@ def chunk_matmul(a_RK, b_EKN, chunk: ExpertChunk, out_RN=None, offsets_E=None) -
     if offsets_E is not None:
         return F.grouped_mm(a_RK, b_EKN, offs=offsets_E)
     for e, lo, hi in chunk.pieces:
-        torch.mm(a_RK[lo:hi], b_EKN[e], out=out_RN[lo:hi])
+        # A half-precision weight meets fp32 rows only on the fp32-compute path (`needs_fp32_compute`).
+        torch.mm(a_RK[lo:hi], b_EKN[e].to(a_RK.dtype), out=out_RN[lo:hi])
     return out_RN
 
 
@@ -140,19 +144,33 @@ def chunk_matmul_tn(a_RM, b_RN, chunk: ExpertChunk, out_EMN=None, offsets_E=None
     return out_EMN
 
 
-def _forward_weight(w_EKN: torch.Tensor, num_rows: int) -> torch.Tensor:
-    """The right operand of a forward GEMM, column-major for half types on CPU when the batch is large enough.
+def needs_fp32_compute(x: torch.Tensor) -> bool:
+    """Whether bf16/fp16 matmuls should run in fp32: on a CPU without native half-precision matmul (AVX2 without
+    AVX512-BF16/AMX) oneDNN emulates them, measured 6-8x slower than converting the operands to fp32 and back
+    (512x512 weights, 512 rows, one thread: 55 ms in bf16, 7 ms converted) and still 2x slower for one row."""
+    if x.device.type != "cpu" or x.dtype not in (torch.bfloat16, torch.float16):
+        return False
+    mkldnn = torch.ops.mkldnn
+    native = mkldnn._is_mkldnn_bf16_supported() if x.dtype == torch.bfloat16 else mkldnn._is_mkldnn_fp16_supported()
+    return not native
 
-    CPUs without native bf16/fp16 matmul (AVX2) multiply `a @ b` several times faster when `b` is the
-    transpose of a contiguous matrix, the layout the backward's `W^T` views already have (measured 7x for bf16
-    512^3 on an AVX2 EPYC). One transposed copy of the weights costs a pass over them, which only pays when each
-    expert sees a few rows, so decode-sized calls keep the stored layout.
+
+def _experts_forward_in_fp32(x_TD, gate_up_EDF2, down_EFD, idx_TK, w_TK, driver) -> torch.Tensor:
+    """The back-end in fp32 for half-precision inputs (see `needs_fp32_compute`); the result has `x_TD`'s dtype.
+
+    Under autograd the casts are part of the graph, so the parameters receive gradients in their own dtype (the
+    fp32 weight gradients are rounded once, at the end). Without autograd the weights stay in their dtype and
+    `chunk_matmul` converts each expert's matrix as it uses it: a decoding step touches k of E experts, and
+    converting all of them would cost more than its matmuls.
     """
-    if w_EKN.device.type != "cpu" or w_EKN.dtype not in (torch.bfloat16, torch.float16):
-        return w_EKN
-    if num_rows < 4 * w_EKN.shape[0]:
-        return w_EKN
-    return w_EKN.transpose(1, 2).contiguous().transpose(1, 2)
+    if torch.is_grad_enabled() and any(t.requires_grad for t in (x_TD, gate_up_EDF2, down_EFD, w_TK)):
+        out = SortedExpertsFunction.apply(
+            x_TD.float(), gate_up_EDF2.float(), down_EFD.float(), idx_TK, w_TK.float(), driver
+        )
+        return out.to(x_TD.dtype)
+    x32_TD = x_TD.float()
+    layout = _layout(idx_TK, gate_up_EDF2.shape[0], grouped=False)
+    return _experts_forward(x32_TD, gate_up_EDF2, down_EFD, w_TK.float(), layout, save_h=False)[0].to(x_TD.dtype)
 
 
 def _accumulate_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -191,8 +209,6 @@ def _experts_forward(x_TD, gate_up_EDF2, down_EFD, w_TK, layout: _Layout, save_h
         return out_TD.to(x_TD.dtype), h_SF2
     token_S = groups.valid_token
     w_S = w_TK.reshape(-1).index_select(0, groups.valid_order).to(x_TD.dtype)
-    gate_up = _forward_weight(gate_up_EDF2, groups.num_valid)
-    down = _forward_weight(down_EFD, groups.num_valid)
     # Chunk scratch (the grouped path allocates per call instead). x_RD is reused for the down output y_RD.
     x_buf = x_TD.new_empty(max_rows, hidden) if loop else None
     h_buf = x_TD.new_empty(max_rows, two_f) if loop and not save_h else None
@@ -202,15 +218,15 @@ def _experts_forward(x_TD, gate_up_EDF2, down_EFD, w_TK, layout: _Layout, save_h
         tok_R = token_S[chunk.start : chunk.stop]
         x_RD = torch.index_select(x_TD, 0, tok_R, out=x_buf[:rows]) if loop else x_TD.index_select(0, tok_R)
         if loop:
-            h_RF2 = chunk_matmul(x_RD, gate_up, chunk, h_SF2[chunk.start : chunk.stop] if save_h else h_buf[:rows])
+            h_RF2 = chunk_matmul(x_RD, gate_up_EDF2, chunk, h_SF2[chunk.start : chunk.stop] if save_h else h_buf[:rows])
         else:
-            h_RF2 = chunk_matmul(x_RD, gate_up, chunk, offsets_E=offs)
+            h_RF2 = chunk_matmul(x_RD, gate_up_EDF2, chunk, offsets_E=offs)
             if save_h:
                 h_SF2 = h_RF2  # one chunk of all rows: grouped_mm's output is the saved tensor
         gate_RF, up_RF = h_RF2[:, :inter], h_RF2[:, inter:]
         a_RF = torch.sigmoid(gate_RF, out=a_buf[:rows]) if loop else torch.sigmoid(gate_RF)
         a_RF.mul_(gate_RF).mul_(up_RF).mul_(w_S[chunk.start : chunk.stop, None])  # combine weight folded in
-        y_RD = chunk_matmul(a_RF, down, chunk, x_RD, offs)  # x_RD is dead once h is computed
+        y_RD = chunk_matmul(a_RF, down_EFD, chunk, x_RD, offs)  # x_RD is dead once h is computed
         out_TD.index_add_(0, tok_R, y_RD.to(acc))
     return out_TD.to(x_TD.dtype), h_SF2
 
@@ -349,6 +365,8 @@ def sorted_experts_forward(
     if x_TD.shape[0] == 0:
         # Keep the autograd graph connected so an empty batch still yields (zero) gradients.
         return x_TD.new_zeros(x_TD.shape) + 0 * (x_TD.sum() + gate_up_EDF2.sum() + down_EFD.sum() + w_TK.sum())
+    if driver != "grouped_mm" and needs_fp32_compute(x_TD):
+        return _experts_forward_in_fp32(x_TD, gate_up_EDF2, down_EFD, idx_TK, w_TK, driver)
     if torch.is_grad_enabled() and any(t.requires_grad for t in (x_TD, gate_up_EDF2, down_EFD, w_TK)):
         return SortedExpertsFunction.apply(x_TD, gate_up_EDF2, down_EFD, idx_TK, w_TK, driver)
     # Inference: no autograd node, and the gate_up output stays in chunk scratch instead of being kept.

@@ -75,15 +75,29 @@ def test_empty_experts_get_exactly_zero_weight_gradient():
     assert torch.all(d_gate_up[~unused].abs().sum((1, 2)) > 0)
 
 
-def test_bfloat16_close_to_float32_reference():
-    x, gate_up, down, idx, w, upstream = make_case(64, 64, 32, 8, 2, dtype=torch.float32, seed=7)
+@pytest.mark.parametrize("fp32_compute", [True, False], ids=["fp32-compute", "native-half"])
+@pytest.mark.parametrize("routing", ["uniform", "sentinel"])
+def test_bfloat16_close_to_float32_reference(monkeypatch, fp32_compute, routing):
+    # Both half-precision paths run here whatever the CPU: the fp32-compute one (chosen on CPUs without native
+    # bf16 matmul) and bf16 matmuls throughout.
+    monkeypatch.setattr(cpu_kernels, "needs_fp32_compute", lambda x: fp32_compute)
+    x, gate_up, down, idx, w, upstream = make_case(64, 64, 32, 8, 2, dtype=torch.float32, routing=routing, seed=7)
     want = run_with_grads(reference_experts_forward, x, gate_up, down, idx, w, upstream)
-    low = [t.bfloat16() for t in (x, gate_up, down)]
-    got = run_with_grads(sorted_experts_forward, *low, idx, w.bfloat16(), upstream.bfloat16())
-    for name, g, r in zip(("out", "d_x", "d_gate_up", "d_down", "d_w"), got, want):
+    low = [t.bfloat16() for t in (x, gate_up, down, w)]
+    got = run_with_grads(sorted_experts_forward, *low[:3], idx, low[3], upstream.bfloat16())
+    with torch.no_grad():  # the inference path converts each used expert's weights on its own
+        got_inference = sorted_experts_forward(*low[:3], idx, low[3])
+    for name, g, r in zip(("out", "d_x", "d_gate_up", "d_down", "d_w", "inference"), got + [got_inference], want + want[:1]):
         assert g.dtype == torch.bfloat16
         rel = ((g.float() - r).abs().max() / r.abs().max()).item()
         assert rel < 3e-2, f"{name}: relative max error {rel:.3g}"
+
+
+def test_fp32_compute_only_for_half_precision_on_cpu():
+    assert not cpu_kernels.needs_fp32_compute(torch.zeros(2, dtype=torch.float32))
+    assert not cpu_kernels.needs_fp32_compute(torch.zeros(2, dtype=torch.float64))
+    native = torch.ops.mkldnn._is_mkldnn_bf16_supported()
+    assert cpu_kernels.needs_fp32_compute(torch.zeros(2, dtype=torch.bfloat16)) == (not native)
 
 
 def test_broadcast_upstream_gradient_is_accepted():

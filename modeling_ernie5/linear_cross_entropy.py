@@ -1,0 +1,124 @@
+"""Fused output projection + cross-entropy: the language-model loss without materialising the logits.
+
+The causal-LM loss of a (N, D) hidden state against a (V, D) output matrix normally builds the (N, V) logits, their
+log-softmax and, in the backward, two more (N, V) gradients: four buffers of N*V floats, the largest tensors of a
+small model's step (at N=8192 and V=150k, 4.6 GiB each in fp32). Here the rows are processed in chunks: each chunk's
+logits, softmax and logit gradient live in one reused (chunk, V) buffer, and the gradients of the hidden state and
+of the weight are computed in the same pass (the loss is a scalar, so the backward only rescales them). Liger
+Kernel's `FusedLinearCrossEntropy` and Apple's Cut Cross-Entropy are the GPU-kernel versions of the same idea.
+
+Semantics follow transformers' `ForCausalLMLoss`: labels are shifted inside, -100 is ignored, the sum is divided by
+`num_items_in_batch` when given and by the number of counted tokens otherwise.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+# Rows per chunk: the (rows, V) buffer should stay a few MiB so that the softmax passes run from cache.
+DEFAULT_CHUNK_ROWS = 256
+
+
+def _accumulate_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float32 if dtype in (torch.bfloat16, torch.float16) else dtype
+
+
+class LinearCrossEntropyFunction(torch.autograd.Function):
+    """sum over counted rows of -log softmax(h W^T)[label], divided by `divisor`; gradients computed in forward."""
+
+    @staticmethod
+    def forward(ctx, hidden_ND, weight_VD, labels_N, divisor, ignore_index, chunk_rows):
+        need_h, need_w = ctx.needs_input_grad[:2]
+        acc = _accumulate_dtype(hidden_ND.dtype)  # logits, softmax and the weight gradient
+        rows, vocab = hidden_ND.shape[0], weight_VD.shape[0]
+        counted_N = labels_N != ignore_index
+        if bool(((labels_N < 0) | (labels_N >= vocab))[counted_N].any()):
+            raise ValueError(f"labels must be in [0, {vocab}) or equal ignore_index={ignore_index}")
+        loss = torch.zeros((), dtype=acc, device=hidden_ND.device)
+        grad_h = torch.empty_like(hidden_ND) if need_h else None
+        grad_w = torch.zeros(weight_VD.shape, dtype=acc, device=weight_VD.device) if need_w else None
+        logits_buf = hidden_ND.new_empty(min(chunk_rows, rows), vocab, dtype=acc)
+        for start in range(0, rows, chunk_rows):
+            stop = min(start + chunk_rows, rows)
+            h_RD, labels_R, counted_R = hidden_ND[start:stop], labels_N[start:stop], counted_N[start:stop]
+            logits_RV = logits_buf[: stop - start]
+            if hidden_ND.dtype == acc:
+                torch.mm(h_RD, weight_VD.t(), out=logits_RV)
+            else:
+                logits_RV.copy_(h_RD @ weight_VD.t())
+            # log-sum-exp, then the buffer becomes the softmax in place.
+            max_R = logits_RV.amax(dim=1, keepdim=True)
+            safe_labels_R = labels_R.clamp(0, vocab - 1).unsqueeze(1)
+            picked_R = logits_RV.gather(1, safe_labels_R)
+            logits_RV.sub_(max_R).exp_()
+            sum_R = logits_RV.sum(dim=1, keepdim=True)
+            token_loss_R = (sum_R.log() + max_R - picked_R).squeeze(1)
+            loss += token_loss_R.masked_fill(~counted_R, 0).sum()
+            if not (need_h or need_w):
+                continue
+            # d loss / d logits = (softmax - onehot(label)) / divisor on counted rows, 0 elsewhere.
+            counted_R1 = counted_R.to(acc).unsqueeze(1)
+            logits_RV.mul_(counted_R1 / (sum_R * divisor))
+            logits_RV.scatter_add_(1, safe_labels_R, -counted_R1 / divisor)
+            grad_RV = logits_RV.to(hidden_ND.dtype)
+            if need_h:
+                torch.mm(grad_RV, weight_VD, out=grad_h[start:stop])
+            if need_w:
+                grad_w.addmm_(logits_RV.t(), h_RD.to(acc))
+        ctx.save_for_backward(grad_h, grad_w.to(weight_VD.dtype) if need_w else None)
+        return loss / divisor
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        grad_h, grad_w = ctx.saved_tensors
+        # The loss is a scalar: its gradients were computed in forward and only need the upstream factor.
+        if grad_loss.ne(1).item():
+            grad_h = grad_h * grad_loss.to(grad_h.dtype) if grad_h is not None else None
+            grad_w = grad_w * grad_loss.to(grad_w.dtype) if grad_w is not None else None
+        return grad_h, grad_w, None, None, None, None
+
+
+def linear_cross_entropy(
+    hidden_states: torch.Tensor,
+    weight: torch.Tensor,
+    labels: torch.LongTensor,
+    num_items_in_batch: int | torch.Tensor | None = None,
+    ignore_index: int = -100,
+    shift_labels: torch.LongTensor | None = None,
+    chunk_rows: int = DEFAULT_CHUNK_ROWS,
+) -> torch.Tensor:
+    """Causal-LM loss of `hidden_states @ weight.T` without building the logits.
+
+    Args:
+        hidden_states (`torch.Tensor` of shape `(batch, seq, hidden)`): final (normed) hidden states.
+        weight (`torch.Tensor` of shape `(vocab, hidden)`): the output projection (`lm_head.weight`).
+        labels (`torch.LongTensor` of shape `(batch, seq)`): token ids, shifted inside; `ignore_index` is skipped.
+        num_items_in_batch (`int` or `torch.Tensor`, *optional*): divisor of the summed loss (gradient
+            accumulation); defaults to the number of counted tokens.
+        ignore_index (`int`, *optional*, defaults to -100): label value that does not count.
+        shift_labels (`torch.LongTensor`, *optional*): already shifted labels; `labels` is then ignored.
+        chunk_rows (`int`, *optional*, defaults to 256): rows of the logits buffer.
+
+    Returns:
+        `torch.Tensor`: the scalar loss (fp32 for half-precision inputs), equal to transformers' `ForCausalLMLoss` on the full logits.
+    """
+    if chunk_rows < 1:
+        raise ValueError(f"chunk_rows must be >= 1, got {chunk_rows}")
+    if shift_labels is None:
+        shift_labels = F.pad(labels, (0, 1), value=ignore_index)[..., 1:]
+    hidden_ND = hidden_states.reshape(-1, hidden_states.shape[-1])
+    labels_N = shift_labels.reshape(-1).to(hidden_ND.device)
+    if labels_N.shape[0] != hidden_ND.shape[0]:
+        raise ValueError(f"{labels_N.shape[0]} labels for {hidden_ND.shape[0]} hidden states")
+    if num_items_in_batch is None:
+        divisor = (labels_N != ignore_index).sum().item()
+        if divisor == 0:
+            # Like a mean over no tokens in torch's cross-entropy: nan, and no gradient signal.
+            divisor = float("nan")
+    else:
+        divisor = float(num_items_in_batch.item() if torch.is_tensor(num_items_in_batch) else num_items_in_batch)
+    return LinearCrossEntropyFunction.apply(hidden_ND, weight, labels_N, divisor, ignore_index, chunk_rows)
+
+
+__all__ = ["DEFAULT_CHUNK_ROWS", "LinearCrossEntropyFunction", "linear_cross_entropy"]
