@@ -1,7 +1,7 @@
 """Toy-world vision demo: train briefly on CPU, then measure understanding and generation (issue 5, item 5).
 
-    python examples/vision_toy.py                      # full demo, a few minutes on a free 2-core machine
-    python examples/vision_toy.py --tokenizer_steps 100 --model_steps 200    # reduced
+    python examples/vision_toy.py                      # full demo, ~25 minutes on one core
+    python examples/vision_toy.py --tokenizer_steps 200 --model_steps 200    # reduced, ~4 minutes
 
 Steps:
 1. train the multi-scale bitwise visual tokenizer on toy scenes (held-out reconstruction PSNR);
@@ -34,12 +34,16 @@ import torch
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--output_dir", default="outputs/vision_toy")
-    p.add_argument("--tokenizer_steps", type=int, default=1000)
+    p.add_argument("--tokenizer_steps", type=int, default=2000)
     p.add_argument(
-        "--prefix_loss_weight", type=float, default=1.0,
+        "--prefix_loss_weight", type=float, default=0.3,
         help="visual tokenizer: weight of the loss on images decoded from coarse scales only",
     )  # fmt: skip
     p.add_argument("--model_steps", type=int, default=1200)
+    p.add_argument(
+        "--scale_loss_weights", type=float, nargs="+", default=(1.0, 2.0, 4.0, 8.0),
+        help="weight of each scale's mean bit loss, coarse to fine: the finest scales carry the shape",
+    )  # fmt: skip
     p.add_argument("--batch_size", type=int, default=16)
     p.add_argument("--learning_rate", type=float, default=3e-3)
     p.add_argument("--eval_scenes", type=int, default=150)
@@ -49,6 +53,11 @@ def parse_args(argv=None):
     p.add_argument("--hidden_size", type=int, default=192, help="backbone width (the tiny preset has 64)")
     p.add_argument("--num_layers", type=int, default=4, help="backbone depth")
     p.add_argument("--image_size", type=int, default=16, help="side of the images the model sees and draws")
+    p.add_argument(
+        "--gen_side_range", type=float, nargs=2, default=(0.3, 0.42), metavar=("LOW", "HIGH"),
+        help="side of the shape in generation targets, as a fraction of the image (the toy world's default "
+        "0.22-0.36 draws 4-6 px shapes at 16 px, where circle and square differ by a few corner pixels)",
+    )  # fmt: skip
     p.add_argument("--seed", type=int, default=0)
     p.add_argument(
         "--threads", type=int, default=1,
@@ -92,12 +101,12 @@ def build_understanding_batch(processor, items, eos_token: str):
     return {"input_ids": input_ids, "attention_mask": mask, "labels": label_ids, "pixel_values": pixels}
 
 
-def build_generation_batch(processor, seeds, rng: random.Random, cfg_dropout: float):
+def build_generation_batch(processor, seeds, rng: random.Random, cfg_dropout: float, side_range):
     from processing.toy_world import draw_scene, drawing_prompt
 
     texts, targets = [], []
     for s in seeds:
-        image, scene = draw_scene(s, size=processor.image_processor.size, max_shapes=1)
+        image, scene = draw_scene(s, size=processor.image_processor.size, max_shapes=1, side_range=side_range)
         shape = scene.shapes[0]
         prompt = "" if rng.random() < cfg_dropout else drawing_prompt(shape.color, shape.kind, shape.position)
         texts.append(f"{prompt}<|image_gen|>")
@@ -168,7 +177,9 @@ def main(argv=None) -> dict:
     processor = Ernie5Processor(Ernie5ImageProcessor(size=args.image_size), text_tokenizer)
 
     # 3. Model.
-    vision = Ernie5VisionConfig(tokenizer_config=visual_tokenizer.config.to_dict())
+    vision = Ernie5VisionConfig(
+        tokenizer_config=visual_tokenizer.config.to_dict(), scale_loss_weights=args.scale_loss_weights
+    )
     heads = max(1, args.hidden_size // 16)
     config = Ernie5Config.from_preset(
         "tiny", hidden_size=args.hidden_size, num_hidden_layers=args.num_layers, num_attention_heads=heads,
@@ -205,7 +216,8 @@ def main(argv=None) -> dict:
                 train_answers[qa.kind][qa.answer] += 1
         und = model(**build_understanding_batch(processor, items, text_tokenizer.eos_token))
         gen = model(**build_generation_batch(
-            processor, [rng.randrange(1_000_000) for _ in range(args.batch_size)], rng, vision.cfg_dropout_prob
+            processor, [rng.randrange(1_000_000) for _ in range(args.batch_size)], rng, vision.cfg_dropout_prob,
+            args.gen_side_range,
         ))  # fmt: skip
         loss = und.loss + gen.loss
         opt.zero_grad(set_to_none=True)
@@ -264,7 +276,10 @@ def main(argv=None) -> dict:
         temperature=args.temperature, generator=torch.Generator().manual_seed(args.seed),
     )  # fmt: skip
     # Ceiling: the same checkers on tokenizer reconstructions of real single-shape images.
-    real = [draw_scene(9_000_000 + i, size=args.image_size, max_shapes=1) for i in range(len(prompts))]
+    real = [
+        draw_scene(9_000_000 + i, size=args.image_size, max_shapes=1, side_range=args.gen_side_range)
+        for i in range(len(prompts))
+    ]
     with torch.no_grad():
         px = processor.image_processor([im for im, _ in real], return_tensors="pt")["pixel_values"]
         recon = processor.image_processor.postprocess(visual_tokenizer.decode(visual_tokenizer.encode(px)))
@@ -277,6 +292,9 @@ def main(argv=None) -> dict:
     }  # fmt: skip
     ceiling = match_rates(recon, real_prompts)
     generation |= {f"tokenizer_ceiling_{k.removesuffix('_match')}": v for k, v in ceiling.items()}
+    # The checkers themselves on the real images: what a perfect tokenizer and model could score.
+    checker = match_rates([im for im, _ in real], real_prompts)
+    generation |= {f"checker_on_real_{k.removesuffix('_match')}": v for k, v in checker.items()}
     save_generation_grid(images, prompts, os.path.join(args.output_dir, "generated.png"))
     save_loss_plot(log, os.path.join(args.output_dir, "losses.png"))
 

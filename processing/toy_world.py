@@ -101,12 +101,18 @@ class QA:
     kind: str
 
 
-def _place_shapes(rng: random.Random, n: int, y_limit: float) -> list[tuple[float, float, float, float]]:
+# Side of a shape as a fraction of the image side.
+DEFAULT_SIDE_RANGE = (0.22, 0.36)
+
+
+def _place_shapes(
+    rng: random.Random, n: int, y_limit: float, side_range: tuple[float, float] = DEFAULT_SIDE_RANGE
+) -> list[tuple[float, float, float, float]]:
     boxes: list[tuple[float, float, float, float]] = []
     gap = 0.04
     for _ in range(n):
         for _attempt in range(60):
-            side = rng.uniform(0.22, 0.36)
+            side = rng.uniform(*side_range)
             x0 = rng.uniform(0.02, 0.98 - side)
             y0 = rng.uniform(0.02, y_limit - side)
             box = (x0, y0, x0 + side, y0 + side)
@@ -119,14 +125,23 @@ def _place_shapes(rng: random.Random, n: int, y_limit: float) -> list[tuple[floa
     return boxes
 
 
-def sample_scene(seed: int, max_shapes: int = DEFAULT_MAX_SHAPES, with_text: bool = False, size: int = 64) -> Scene:
+def sample_scene(
+    seed: int,
+    max_shapes: int = DEFAULT_MAX_SHAPES,
+    with_text: bool = False,
+    size: int = 64,
+    side_range: tuple[float, float] = DEFAULT_SIDE_RANGE,
+) -> Scene:
     """Draws the scene description only (no pixels); `draw_scene` renders it."""
     if max_shapes < 1:
         raise ValueError(f"max_shapes must be >= 1, got {max_shapes}")
+    low, high = side_range
+    if not 0.05 <= low <= high <= 0.9:
+        raise ValueError(f"side_range must satisfy 0.05 <= low <= high <= 0.9 (fractions of the side), got {side_range}")
     rng = random.Random(seed)
     n = rng.randint(1, max_shapes)
     # With text, shapes stay above a bottom band reserved for the word so OCR never sees overlaps.
-    boxes = _place_shapes(rng, n, y_limit=0.74 if with_text else 0.98)
+    boxes = _place_shapes(rng, n, y_limit=0.74 if with_text else 0.98, side_range=side_range)
     shapes = [Shape(rng.choice(SHAPES), rng.choice(list(COLORS)), tuple(round(v, 4) for v in b)) for b in boxes]
     text = rng.choice(WORDS) if with_text else None
     return Scene(shapes=shapes, size=size, seed=seed, text=text)
@@ -163,7 +178,11 @@ def render_scene(scene: Scene) -> Image.Image:
 
 
 def draw_scene(
-    seed: int, size: int = 64, max_shapes: int = DEFAULT_MAX_SHAPES, with_text: bool = False
+    seed: int,
+    size: int = 64,
+    max_shapes: int = DEFAULT_MAX_SHAPES,
+    with_text: bool = False,
+    side_range: tuple[float, float] = DEFAULT_SIDE_RANGE,
 ) -> tuple[Image.Image, Scene]:
     """Draws a scene of 1..`max_shapes` non-overlapping coloured shapes, deterministic by seed.
 
@@ -173,13 +192,16 @@ def draw_scene(
         max_shapes (`int`, *optional*, defaults to 4): upper bound on the number of shapes.
         with_text (`bool`, *optional*, defaults to `False`): also draw a short word (`Scene.text`) in a
             bottom band; use `size >= 96` if Tesseract has to read it.
+        side_range (`tuple[float, float]`, *optional*, defaults to `(0.22, 0.36)`): range of a shape's side as a
+            fraction of the image side. On very small images (16 px) the default draws 4-6 px shapes, at which a
+            circle and a square differ by a few corner pixels.
 
     Returns:
         `tuple[PIL.Image.Image, Scene]`: the RGB image and its description.
     """
     if size < 16:
         raise ValueError(f"size must be >= 16 pixels, got {size}")
-    scene = sample_scene(seed, max_shapes=max_shapes, with_text=with_text, size=size)
+    scene = sample_scene(seed, max_shapes=max_shapes, with_text=with_text, size=size, side_range=side_range)
     return render_scene(scene), scene
 
 
@@ -392,7 +414,7 @@ def drawing_prompt(color: str, kind: str, position: str) -> str:
 
 
 __all__ = [
-    "BACKGROUND", "COLORS", "POSITIONS", "QA", "QA_KINDS", "SHAPES", "Scene", "Shape", "WORDS", "caption",
+    "BACKGROUND", "COLORS", "DEFAULT_SIDE_RANGE", "POSITIONS", "QA", "QA_KINDS", "SHAPES", "Scene", "Shape", "WORDS", "caption",
     "chance_rate", "check_answer", "classify_shape", "describe_scene", "dominant_color", "draw_scene", "drawing_prompt",
     "foreground_position", "make_questions", "render_scene", "sample_scene",
 ]

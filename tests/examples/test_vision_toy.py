@@ -20,6 +20,8 @@ def test_vision_toy_runs_and_reports(tmp_path):
     for key in ("color", "shape", "position", "all"):
         assert 0.0 <= gen[f"{key}_match"] <= 1.0 and 0.0 <= gen[f"tokenizer_ceiling_{key}"] <= 1.0
     assert gen["all_chance"] == pytest.approx(1 / 72)
+    # The generation targets are drawn large enough for the checkers to read them.
+    assert gen["checker_on_real_color"] == 1.0 and gen["checker_on_real_shape"] >= 0.95
     assert results["understanding"]["overall"]["n"] > 0
     for name in ("generated.png", "losses.png", "routing_heatmap.png", "tokenizer_recon.png", "model/config.json"):
         assert (tmp_path / name).is_file(), name

@@ -159,3 +159,14 @@ def test_bad_arguments():
         draw_scene(0, size=8)
     with pytest.raises(ValueError, match="max_shapes"):
         draw_scene(0, max_shapes=0)
+    with pytest.raises(ValueError, match="side_range"):
+        draw_scene(0, side_range=(0.5, 0.3))
+
+
+def test_side_range_sets_shape_size():
+    for seed in range(30):
+        _, scene = draw_scene(seed, size=16, max_shapes=1, side_range=(0.3, 0.42))
+        x0, y0, x1, y1 = scene.shapes[0].bbox
+        assert 0.3 - 1e-3 <= x1 - x0 <= 0.42 + 1e-3 and abs((x1 - x0) - (y1 - y0)) < 1e-3
+    # Default scenes keep their sizes, so seeds drawn before the option existed give the same scenes.
+    assert draw_scene(3)[1] == draw_scene(3, side_range=(0.22, 0.36))[1]
