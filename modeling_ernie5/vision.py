@@ -60,6 +60,16 @@ class Ernie5PatchMerger(nn.Module):
         return self.proj(self.out_norm(x.mean(dim=1)))
 
 
+def patch_grid(features_BND: torch.Tensor, grid: int) -> torch.Tensor:
+    """A transformers vision encoder's `last_hidden_state` (B, N, D) as its (B, grid, grid, D) patch grid; a leading
+    CLS token (ViT, CLIP) is dropped."""
+    if features_BND.shape[1] == grid * grid + 1:
+        features_BND = features_BND[:, 1:]
+    if features_BND.shape[1] != grid * grid:
+        raise ValueError(f"the vision encoder returned {features_BND.shape[1]} patch features; expected a {grid}x{grid} grid")
+    return features_BND.reshape(features_BND.shape[0], grid, grid, -1)
+
+
 def group_patches(features_BHWD: torch.Tensor, merge: int) -> torch.Tensor:
     """(B, G*m, G*m, D) grid -> (B*G*G, m*m, D): each row holds one m x m neighbourhood, row-major."""
     b, h, w, d = features_BHWD.shape
@@ -89,14 +99,7 @@ class Ernie5VisionModel(nn.Module):
     # --- understanding -------------------------------------------------------------------------------------------
 
     def _vit_grid(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        out = self.vit(pixel_values=pixel_values)
-        feats = out.last_hidden_state
-        g = self.config.vit_grid
-        if feats.shape[1] == g * g + 1:  # encoders with a leading CLS token (ViT, CLIP)
-            feats = feats[:, 1:]
-        if feats.shape[1] != g * g:
-            raise ValueError(f"the ViT returned {feats.shape[1]} patch features; expected a {g}x{g} grid")
-        return feats.view(feats.shape[0], g, g, -1)
+        return patch_grid(self.vit(pixel_values=pixel_values).last_hidden_state, self.config.vit_grid)
 
     def understand(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """(B, C, H, W) pixels in [-1, 1] -> (B * understanding_tokens_per_image, hidden) features, row-major."""

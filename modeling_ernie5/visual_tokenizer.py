@@ -157,9 +157,9 @@ class Ernie5MultiScaleBitQuantizer(nn.Module):
             total = up if total is None else total + up
         return total
 
-    def forward(self, z_BDhw: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor], list[torch.Tensor]]:
-        """Returns the quantised latent (straight-through gradients to `z`), the per-scale bits and the partial
-        sums after each scale (the last one is the quantised latent)."""
+    def forward(self, z_BDhw: torch.Tensor) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """Returns the per-scale bits and the quantised latent after each scale (straight-through gradients to `z`);
+        the last partial sum is the full quantisation."""
         mags = self.magnitudes()
         residual = z_BDhw
         quantised = torch.zeros_like(z_BDhw)
@@ -175,7 +175,7 @@ class Ernie5MultiScaleBitQuantizer(nn.Module):
             quantised = quantised + up
             residual = residual - up
             partial_sums.append(quantised)
-        return quantised, bits, partial_sums
+        return bits, partial_sums
 
 
 @dataclass
@@ -313,7 +313,7 @@ class Ernie5VisualTokenizer(PreTrainedModel):
     def encode(self, pixel_values: torch.Tensor) -> list[torch.Tensor]:
         """Pixels in [-1, 1] -> per-scale bit tokens, each (B*T, s, s, codebook_bits) uint8."""
         _, z, _ = self._latent(pixel_values)
-        _, bits, _ = self.quantizer(self._standardise(z))
+        bits, _ = self.quantizer(self._standardise(z))
         return bits
 
     def decode(self, bits: list[torch.Tensor]) -> torch.Tensor:
@@ -346,15 +346,19 @@ class Ernie5VisualTokenizer(PreTrainedModel):
     def forward(self, pixel_values: torch.Tensor, return_dict: bool = True, **kwargs) -> Ernie5VisualTokenizerOutput:
         feats, z, is_image = self._latent(pixel_values)
         z = self._standardise(z, update_statistics=self.training)
-        quantised, bits, partial_sums = self.quantizer(z)
+        bits, partial_sums = self.quantizer(z)
+        quantised = partial_sums[-1]
         recon = self.decoder(quantised.unsqueeze(2)).squeeze(2)
         target = self._frames(self._as_video(pixel_values)[0])
-        rec_loss = F.l1_loss(recon, target) + F.mse_loss(recon, target)
+
+        def pixel_loss(image):
+            return F.l1_loss(image, target) + F.mse_loss(image, target)
+
+        rec_loss = pixel_loss(recon)
         prefix_loss = None
         if self.config.prefix_loss_weight > 0 and len(partial_sums) > 1:
             k = int(torch.randint(len(partial_sums) - 1, ()))
-            coarse = self.decoder(partial_sums[k].unsqueeze(2)).squeeze(2)
-            prefix_loss = F.l1_loss(coarse, target) + F.mse_loss(coarse, target)
+            prefix_loss = pixel_loss(self.decoder(partial_sums[k].unsqueeze(2)).squeeze(2))
         # Two-sided commitment: the encoder is pulled toward its quantisation, and the per-scale magnitudes toward
         # the encoder's latent (the sign path carries no gradient to them otherwise).
         commit = F.mse_loss(z, quantised.detach()) + F.mse_loss(quantised, z.detach())

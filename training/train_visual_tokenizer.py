@@ -110,13 +110,12 @@ class SemanticTeacher(nn.Module):
         return self
 
     def loss(self, pixel_values: torch.Tensor, features_BChw: torch.Tensor) -> torch.Tensor:
+        from modeling_ernie5.vision import patch_grid
+
         with torch.no_grad():
             # Pixels are in [-1, 1], i.e. normalised with mean = std = 0.5 (the SigLIP convention).
             x = F.interpolate(pixel_values, size=(self.image_size, self.image_size), mode="bilinear", align_corners=False)
-            target = self.teacher(pixel_values=x).last_hidden_state
-            if target.shape[1] == self.grid * self.grid + 1:
-                target = target[:, 1:]
-            target = target.transpose(1, 2).reshape(target.shape[0], -1, self.grid, self.grid)
+            target = patch_grid(self.teacher(pixel_values=x).last_hidden_state, self.grid).permute(0, 3, 1, 2)
             target = F.interpolate(target, size=features_BChw.shape[-2:], mode="bilinear", align_corners=False)
         pred = self.head(features_BChw.permute(0, 2, 3, 1))
         return 1 - F.cosine_similarity(pred, target.permute(0, 2, 3, 1), dim=-1).mean()

@@ -168,14 +168,20 @@ def _experts_forward_in_fp32(x_TD, gate_up_EDF2, down_EFD, idx_TK, w_TK, driver)
             x_TD.float(), gate_up_EDF2.float(), down_EFD.float(), idx_TK, w_TK.float(), driver
         )
         return out.to(x_TD.dtype)
-    x32_TD = x_TD.float()
     layout = _layout(idx_TK, gate_up_EDF2.shape[0], grouped=False)
-    return _experts_forward(x32_TD, gate_up_EDF2, down_EFD, w_TK.float(), layout, save_h=False)[0].to(x_TD.dtype)
+    return _experts_forward(x_TD.float(), gate_up_EDF2, down_EFD, w_TK.float(), layout, save_h=False)[0].to(x_TD.dtype)
 
 
 def _accumulate_dtype(dtype: torch.dtype) -> torch.dtype:
     # Sums over k (and over experts for dx) run in fp32 for half types, like transformers' reshape+sum.
     return torch.float32 if dtype in (torch.bfloat16, torch.float16) else dtype
+
+
+def _gather_rows(src_TD: torch.Tensor, tok_R: torch.Tensor, buf: torch.Tensor | None) -> torch.Tensor:
+    """`src_TD[tok_R]`, into the first rows of the chunk scratch `buf` when there is one (the loop driver)."""
+    if buf is None:
+        return src_TD.index_select(0, tok_R)
+    return torch.index_select(src_TD, 0, tok_R, out=buf[: tok_R.shape[0]])
 
 
 class _Layout(NamedTuple):
@@ -216,7 +222,7 @@ def _experts_forward(x_TD, gate_up_EDF2, down_EFD, w_TK, layout: _Layout, save_h
     for chunk in chunks:
         rows = chunk.stop - chunk.start
         tok_R = token_S[chunk.start : chunk.stop]
-        x_RD = torch.index_select(x_TD, 0, tok_R, out=x_buf[:rows]) if loop else x_TD.index_select(0, tok_R)
+        x_RD = _gather_rows(x_TD, tok_R, x_buf)
         if loop:
             h_RF2 = chunk_matmul(x_RD, gate_up_EDF2, chunk, h_SF2[chunk.start : chunk.stop] if save_h else h_buf[:rows])
         else:
@@ -296,10 +302,7 @@ class SortedExpertsFunction(torch.autograd.Function):
             rows = chunk.stop - chunk.start
             tok_R = token_S[chunk.start : chunk.stop]
             w_R1 = w_S[chunk.start : chunk.stop, None]
-            if loop:
-                dout_RD = torch.index_select(dout_TD, 0, tok_R, out=dout_buf[:rows])
-            else:
-                dout_RD = dout_TD.index_select(0, tok_R)
+            dout_RD = _gather_rows(dout_TD, tok_R, dout_buf)
             g_RF = chunk_matmul(dout_RD, down_EFD.transpose(1, 2), chunk, rows_of(g_buf, rows), offs)  # d(w*a)
             gate_RF, up_RF = h_SF2[chunk.start : chunk.stop, :inter], h_SF2[chunk.start : chunk.stop, inter:]
             sig_RF = torch.sigmoid(gate_RF, out=rows_of(s1_buf, rows))
@@ -318,14 +321,11 @@ class SortedExpertsFunction(torch.autograd.Function):
                 dh_RF2 = dh_buf[:rows] if loop else x_TD.new_empty(rows, two_f)
                 torch.mul(g_RF, silu_RF, out=dh_RF2[:, inter:])
                 # silu'(g) = s + silu(g) * (1 - s), in a's buffer (a is done): two passes
-                dsilu_RF = torch.sub(1, sig_RF, out=a_RF) if loop else 1 - sig_RF
+                dsilu_RF = torch.sub(1, sig_RF, out=a_RF)
                 torch.addcmul(sig_RF, silu_RF, dsilu_RF, out=dsilu_RF)
                 torch.mul(g_RF, up_RF, out=dh_RF2[:, :inter]).mul_(dsilu_RF)
                 if need_gu:
-                    if loop:
-                        x_RD = torch.index_select(x_TD, 0, tok_R, out=x_buf[:rows])
-                    else:
-                        x_RD = x_TD.index_select(0, tok_R)
+                    x_RD = _gather_rows(x_TD, tok_R, x_buf)
                     d_gate_up = chunk_matmul_tn(x_RD, dh_RF2, chunk, d_gate_up, offs)
                 if need_x:
                     dx_RD = chunk_matmul(dh_RF2, gate_up_EDF2.transpose(1, 2), chunk, rows_of(dout_buf, rows), offs)
