@@ -2,12 +2,15 @@
 
     python examples/vision_toy.py                      # full demo, ~25 minutes on one core
     python examples/vision_toy.py --tokenizer_steps 200 --model_steps 200    # reduced, ~4 minutes
+    python examples/vision_toy.py --visual_tokenizer outputs/vision_toy/visual_tokenizer --bit_flip_prob 0.1
+        # a variant that reuses the tokenizer of an earlier run (saves its ~4.5 minutes)
 
 Steps:
 1. train the multi-scale bitwise visual tokenizer on toy scenes (held-out reconstruction PSNR);
 2. train a byte-level BPE text tokenizer on toy captions and questions;
 3. train a small `Ernie5ForConditionalGeneration` (tiny preset, width `--hidden_size`, + vision) on two tasks per
-   step: answering toy questions about an image (understanding) and drawing one coloured shape from an instruction
+   step: answering toy questions about an image, plus a caption naming every shape and its quadrant
+   (understanding), and drawing one coloured shape from an instruction
    such as "draw a red square at the top left" (next-scale generation; prompts dropped with `cfg_dropout_prob` so
    classifier-free guidance works);
 4. measure with the strict checkers of `processing.toy_world`: question accuracy per kind against the uniform-guess
@@ -36,15 +39,38 @@ def parse_args(argv=None):
     p.add_argument("--output_dir", default="outputs/vision_toy")
     p.add_argument("--tokenizer_steps", type=int, default=2000)
     p.add_argument(
+        "--visual_tokenizer", default=None, metavar="DIR",
+        help="a saved visual tokenizer to use instead of training one (the tokenizer options are then ignored)",
+    )  # fmt: skip
+    p.add_argument(
         "--prefix_loss_weight", type=float, default=0.3,
         help="visual tokenizer: weight of the loss on images decoded from coarse scales only",
     )  # fmt: skip
     p.add_argument("--model_steps", type=int, default=1200)
     p.add_argument(
-        "--scale_loss_weights", type=float, nargs="+", default=(1.0, 2.0, 4.0, 8.0),
-        help="weight of each scale's mean bit loss, coarse to fine: the finest scales carry the shape",
+        "--scale_schedule", type=int, nargs="+", default=(1, 2, 3, 4, 6, 8),
+        help="visual tokenizer: token-grid side of each scale, coarse to fine, ending at the 8x8 latent grid. Tokens "
+        "of one scale are sampled independently given the coarser ones, so smaller steps between scales leave less "
+        "to decide at once (1 2 4 8: squares came out with rounded corners)",
     )  # fmt: skip
-    p.add_argument("--batch_size", type=int, default=16)
+    p.add_argument(
+        "--scale_loss_weights", type=float, nargs="+", default=None,
+        help="weight of each scale's mean bit loss, coarse to fine (default: the scale's grid side, so the fine "
+        "scales, which carry the shape, weigh most)",
+    )  # fmt: skip
+    p.add_argument(
+        "--bit_flip_prob", type=float, default=0.0,
+        help="history bit-flip rate of next-scale training (ERNIE 5.0's self-correction; the model config's default "
+        "is 0.1). Off here: at this budget every rate tried lowered the generated-shape match (README)",
+    )  # fmt: skip
+    p.add_argument(
+        "--caption_positions", action=argparse.BooleanOptionalAction, default=True,
+        help="the caption turn names every shape with its quadrant (toy_world.caption(positions=True))",
+    )  # fmt: skip
+    p.add_argument("--batch_size", type=int, default=16, help="understanding samples (images) per step")
+    p.add_argument(
+        "--gen_batch_size", type=int, default=None, help="generation samples per step (default: --batch_size)"
+    )
     p.add_argument("--learning_rate", type=float, default=3e-3)
     p.add_argument("--eval_scenes", type=int, default=150)
     p.add_argument("--gen_per_prompt", type=int, default=2, help="images per (colour, shape, position) prompt")
@@ -153,15 +179,19 @@ def main(argv=None) -> dict:
     )  # fmt: skip
     from training.train_visual_tokenizer import VisualTokenizerTrainingArguments, train as train_tokenizer
 
-    # 1. Visual tokenizer.
-    vt_args = VisualTokenizerTrainingArguments(
-        output_dir=os.path.join(args.output_dir, "visual_tokenizer"), max_steps=args.tokenizer_steps, seed=args.seed,
-        image_size=args.image_size, learning_rate=3e-3, prefix_loss_weight=args.prefix_loss_weight,
-        # One halving per level after the first: an 8x8 token grid for 16-pixel images (1, 2, 4, 8 scales).
-        channel_multipliers="1,2" if args.image_size == 16 else "1,2,2",
-    )  # fmt: skip
-    visual_tokenizer, vt_metrics = train_tokenizer(vt_args)
-    os.replace(os.path.join(vt_args.output_dir, "recon.png"), os.path.join(args.output_dir, "tokenizer_recon.png"))
+    # 1. Visual tokenizer: trained here, or a saved one (e.g. `<earlier output_dir>/visual_tokenizer`).
+    if args.visual_tokenizer:
+        visual_tokenizer, vt_metrics = load_tokenizer(args.visual_tokenizer, args.image_size, args.output_dir)
+    else:
+        vt_args = VisualTokenizerTrainingArguments(
+            output_dir=os.path.join(args.output_dir, "visual_tokenizer"), max_steps=args.tokenizer_steps,
+            seed=args.seed, image_size=args.image_size, learning_rate=3e-3, prefix_loss_weight=args.prefix_loss_weight,
+            # One halving per level after the first: an 8x8 token grid at 16 (and, with two halvings, 32) pixels.
+            channel_multipliers="1,2" if args.image_size == 16 else "1,2,2",
+            scale_schedule=",".join(map(str, args.scale_schedule)) if args.scale_schedule else None,
+        )  # fmt: skip
+        visual_tokenizer, vt_metrics = train_tokenizer(vt_args)
+        os.replace(os.path.join(vt_args.output_dir, "recon.png"), os.path.join(args.output_dir, "tokenizer_recon.png"))
     print(f"visual tokenizer: held-out PSNR {vt_metrics['psnr_db']:.2f} dB")
 
     # 2. Text tokenizer over the toy world's language.
@@ -172,14 +202,16 @@ def main(argv=None) -> dict:
         first = scene.shapes[0]
         corpus.append(drawing_prompt(first.color, first.kind, first.position))
         corpus += [f"Q: {qa.question} A: {qa.answer}" for qa in make_questions(scene, rng)]
-        corpus.append(f"Q: {CAPTION_QUESTION} A: {caption(scene)}")
+        corpus.append(f"Q: {CAPTION_QUESTION} A: {caption(scene, positions=args.caption_positions)}")
     text_tokenizer = add_vision_tokens(train_text_tokenizer(corpus, vocab_size=512))
     processor = Ernie5Processor(Ernie5ImageProcessor(size=args.image_size), text_tokenizer)
 
     # 3. Model.
+    scale_weights = args.scale_loss_weights or [float(side) for side in visual_tokenizer.config.scale_schedule]
     vision = Ernie5VisionConfig(
-        tokenizer_config=visual_tokenizer.config.to_dict(), scale_loss_weights=args.scale_loss_weights
-    )
+        tokenizer_config=visual_tokenizer.config.to_dict(), scale_loss_weights=scale_weights,
+        bit_flip_prob=args.bit_flip_prob,
+    )  # fmt: skip
     heads = max(1, args.hidden_size // 16)
     config = Ernie5Config.from_preset(
         "tiny", hidden_size=args.hidden_size, num_hidden_layers=args.num_layers, num_attention_heads=heads,
@@ -199,6 +231,7 @@ def main(argv=None) -> dict:
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda s: min(1.0, (s + 1) / warmup) * max(0.05, 1 - s / max(1, args.model_steps))
     )
+    gen_per_step = args.gen_batch_size or args.batch_size
     train_answers = defaultdict(Counter)
     log = []
     model.train()
@@ -210,13 +243,14 @@ def main(argv=None) -> dict:
             # per image mostly teaches answer priors.
             image, scene, qas = understanding_sample(rng.randrange(1_000_000), rng)
             turns = [(qa.question, qa.answer) for qa in qas]
-            turns.insert(rng.randrange(len(turns) + 1), (CAPTION_QUESTION, caption(scene)))
+            described = caption(scene, positions=args.caption_positions)
+            turns.insert(rng.randrange(len(turns) + 1), (CAPTION_QUESTION, described))
             items.append((image, turns))
             for qa in qas:
                 train_answers[qa.kind][qa.answer] += 1
         und = model(**build_understanding_batch(processor, items, text_tokenizer.eos_token))
         gen = model(**build_generation_batch(
-            processor, [rng.randrange(1_000_000) for _ in range(args.batch_size)], rng, vision.cfg_dropout_prob,
+            processor, [rng.randrange(1_000_000) for _ in range(gen_per_step)], rng, vision.cfg_dropout_prob,
             args.gen_side_range,
         ))  # fmt: skip
         loss = und.loss + gen.loss
@@ -286,6 +320,7 @@ def main(argv=None) -> dict:
     real_prompts = [(sc.shapes[0].color, sc.shapes[0].kind, sc.shapes[0].position) for _, sc in real]
     generation = {"n": len(prompts), "guidance_scale": args.guidance_scale, "temperature": args.temperature}
     generation |= match_rates(images, prompts)
+    generation["shape_confusion"] = shape_confusion(images, prompts)
     generation |= {
         "color_chance": 1 / len(COLORS), "shape_chance": 1 / len(SHAPES), "position_chance": 1 / len(POSITIONS),
         "all_chance": 1 / (len(COLORS) * len(SHAPES) * len(POSITIONS)),
@@ -314,6 +349,26 @@ def main(argv=None) -> dict:
     return results
 
 
+def load_tokenizer(path: str, image_size: int, output_dir: str):
+    """A saved visual tokenizer and its held-out PSNR on the toy scenes the training script evaluates on."""
+    from modeling_ernie5.visual_tokenizer import Ernie5VisualTokenizer, psnr
+    from training.train_visual_tokenizer import (
+        VisualTokenizerTrainingArguments, save_reconstruction_grid, toy_batch,
+    )  # fmt: skip
+
+    tokenizer = Ernie5VisualTokenizer.from_pretrained(path).eval()
+    if tokenizer.config.image_size != image_size:
+        raise ValueError(
+            f"the visual tokenizer in {path} takes {tokenizer.config.image_size}-pixel images, not --image_size {image_size}"
+        )
+    n = VisualTokenizerTrainingArguments.eval_images
+    eval_x = toy_batch(list(range(10_000_000, 10_000_000 + n)), image_size)
+    with torch.no_grad():
+        recon = tokenizer.decode(tokenizer.encode(eval_x))
+    save_reconstruction_grid(eval_x[:8], recon[:8], os.path.join(output_dir, "tokenizer_recon.png"))
+    return tokenizer, {"psnr_db": psnr(eval_x, recon), "loaded_from": path}
+
+
 def match_rates(images, prompts) -> dict:
     """Fraction of images whose dominant colour, shape and quadrant equal the (colour, shape, position) prompt's,
     per attribute and all three at once."""
@@ -326,6 +381,16 @@ def match_rates(images, prompts) -> dict:
     }
     rates["all_match"] = sum(all(a == b for a, b in zip(f, p)) for f, p in zip(found, prompts)) / len(prompts)
     return rates
+
+
+def shape_confusion(images, prompts) -> dict:
+    """{prompted shape: {shape the checker sees: count}}, to tell which shapes the model draws as which."""
+    from processing.toy_world import SHAPES, classify_shape
+
+    table = {kind: Counter() for kind in SHAPES}
+    for image, (_, kind, _) in zip(images, prompts):
+        table[kind][str(classify_shape(image))] += 1
+    return {kind: dict(seen) for kind, seen in table.items()}
 
 
 def save_generation_grid(images, prompts, path, cols: int = 12):

@@ -263,15 +263,23 @@ def make_questions(scene: Scene, rng: random.Random, max_shapes: int = DEFAULT_M
     return out
 
 
-def caption(scene: Scene) -> str:
-    """A one-sentence caption grouping shapes by colour and kind, e.g. "two red circles and a blue square"."""
-    groups: dict[tuple[str, str], int] = {}
-    for s in scene.shapes:
-        groups[(s.color, s.kind)] = groups.get((s.color, s.kind), 0) + 1
-    number = {1: "a", 2: "two", 3: "three", 4: "four", 5: "five", 6: "six"}
-    parts = [
-        f"{number.get(n, str(n))} {color} {kind if n == 1 else _PLURAL[kind]}" for (color, kind), n in groups.items()
-    ]
+def caption(scene: Scene, positions: bool = False) -> str:
+    """A one-sentence caption grouping shapes by colour and kind, e.g. "two red circles and a blue square".
+
+    With `positions=True` every shape is named with its quadrant, top row first: "a blue square at the top right
+    and a red circle at the bottom left" (a dense grounding signal for training).
+    """
+    if positions:
+        ordered = sorted(scene.shapes, key=lambda s: (s.center[1] >= 0.5, s.center[0] >= 0.5))
+        parts = [f"a {s.color} {s.kind} at the {s.position}" for s in ordered]
+    else:
+        groups: dict[tuple[str, str], int] = {}
+        for s in scene.shapes:
+            groups[(s.color, s.kind)] = groups.get((s.color, s.kind), 0) + 1
+        number = {1: "a", 2: "two", 3: "three", 4: "four", 5: "five", 6: "six"}
+        parts = [
+            f"{number.get(n, str(n))} {color} {kind if n == 1 else _PLURAL[kind]}" for (color, kind), n in groups.items()
+        ]
     text = parts[0] if len(parts) == 1 else ", ".join(parts[:-1]) + " and " + parts[-1]
     if scene.text:
         text += f", with the word {scene.text} written below"

@@ -39,6 +39,11 @@ class VisualTokenizerTrainingArguments:
     channel_multipliers: str = field(
         default="1,2,2", metadata={"help": "comma-separated multiplier per level; each level after the first halves the grid"}
     )
+    scale_schedule: str | None = field(
+        default=None,
+        metadata={"help": "comma-separated token-grid side per scale, coarse to fine, ending at the latent grid "
+                  "(e.g. 1,2,3,4,6,8); default: powers of two"},
+    )  # fmt: skip
     max_steps: int = field(default=300, metadata={"help": "optimizer steps"})
     batch_size: int = field(default=32, metadata={"help": "images per step"})
     learning_rate: float = field(default=2e-3, metadata={"help": "AdamW peak learning rate (cosine decay)"})
@@ -165,6 +170,7 @@ def train(args: VisualTokenizerTrainingArguments, progress: bool = True):
         base_channels=args.base_channels,
         channel_multipliers=[int(m) for m in args.channel_multipliers.split(",")],
         prefix_loss_weight=args.prefix_loss_weight,
+        scale_schedule=[int(s) for s in args.scale_schedule.split(",")] if args.scale_schedule else None,
     )
     model = Ernie5VisualTokenizer(config)
     semantic = SemanticTeacher(args.semantic_teacher, model.feature_channels) if args.semantic_teacher else None

@@ -118,6 +118,22 @@ def test_caption_and_description_name_every_shape():
     assert len(description.splitlines()) == len(scene.shapes) + 2
 
 
+def test_caption_with_positions_names_each_shape_where_it_is():
+    from processing.toy_world import Scene, Shape
+
+    scene = Scene(
+        shapes=[
+            Shape("circle", "red", (0.6, 0.6, 0.8, 0.8)), Shape("circle", "red", (0.1, 0.6, 0.3, 0.8)),
+            Shape("square", "blue", (0.6, 0.1, 0.8, 0.3)),
+        ],
+        size=64, seed=0,
+    )  # fmt: skip
+    assert caption(scene) == "two red circles and a blue square"
+    assert caption(scene, positions=True) == (
+        "a blue square at the top right, a red circle at the bottom left and a red circle at the bottom right"
+    )
+
+
 def test_image_checkers_recover_single_shapes():
     hits = 0
     for seed in range(60):
