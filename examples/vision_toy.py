@@ -1,7 +1,7 @@
 """Toy-world vision demo: train briefly on CPU, then measure understanding and generation (issue 5, item 5).
 
-    python examples/vision_toy.py                      # full demo, ~25 minutes on one core
-    python examples/vision_toy.py --tokenizer_steps 200 --model_steps 200    # reduced, ~4 minutes
+    python examples/vision_toy.py                      # full demo, ~30 minutes on one core
+    python examples/vision_toy.py --tokenizer_steps 200 --model_steps 200    # reduced, ~5 minutes
     python examples/vision_toy.py --visual_tokenizer outputs/vision_toy/visual_tokenizer --bit_flip_prob 0.1
         # a variant that reuses the tokenizer of an earlier run (saves its ~4.5 minutes)
 
