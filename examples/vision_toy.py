@@ -67,10 +67,7 @@ def parse_args(argv=None):
         "--caption_positions", action=argparse.BooleanOptionalAction, default=True,
         help="the caption turn names every shape with its quadrant (toy_world.caption(positions=True))",
     )  # fmt: skip
-    p.add_argument("--batch_size", type=int, default=16, help="understanding samples (images) per step")
-    p.add_argument(
-        "--gen_batch_size", type=int, default=None, help="generation samples per step (default: --batch_size)"
-    )
+    p.add_argument("--batch_size", type=int, default=16, help="understanding and generation samples per step")
     p.add_argument("--learning_rate", type=float, default=3e-3)
     p.add_argument("--eval_scenes", type=int, default=150)
     p.add_argument("--gen_per_prompt", type=int, default=2, help="images per (colour, shape, position) prompt")
@@ -231,7 +228,6 @@ def main(argv=None) -> dict:
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda s: min(1.0, (s + 1) / warmup) * max(0.05, 1 - s / max(1, args.model_steps))
     )
-    gen_per_step = args.gen_batch_size or args.batch_size
     train_answers = defaultdict(Counter)
     log = []
     model.train()
@@ -250,7 +246,7 @@ def main(argv=None) -> dict:
                 train_answers[qa.kind][qa.answer] += 1
         und = model(**build_understanding_batch(processor, items, text_tokenizer.eos_token))
         gen = model(**build_generation_batch(
-            processor, [rng.randrange(1_000_000) for _ in range(gen_per_step)], rng, vision.cfg_dropout_prob,
+            processor, [rng.randrange(1_000_000) for _ in range(args.batch_size)], rng, vision.cfg_dropout_prob,
             args.gen_side_range,
         ))  # fmt: skip
         loss = und.loss + gen.loss

@@ -16,12 +16,10 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from .moe import accumulate_dtype
+
 # Rows per chunk: the (rows, V) buffer should stay a few MiB so that the softmax passes run from cache.
 DEFAULT_CHUNK_ROWS = 256
-
-
-def _accumulate_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float32 if dtype in (torch.bfloat16, torch.float16) else dtype
 
 
 class LinearCrossEntropyFunction(torch.autograd.Function):
@@ -30,7 +28,7 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden_ND, weight_VD, labels_N, divisor, ignore_index, chunk_rows):
         need_h, need_w = ctx.needs_input_grad[:2]
-        acc = _accumulate_dtype(hidden_ND.dtype)  # logits, softmax and the weight gradient
+        acc = accumulate_dtype(hidden_ND.dtype)  # logits, softmax and the weight gradient
         rows, vocab = hidden_ND.shape[0], weight_VD.shape[0]
         counted_N = labels_N != ignore_index
         if bool(((labels_N < 0) | (labels_N >= vocab))[counted_N].any()):

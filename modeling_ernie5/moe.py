@@ -30,6 +30,12 @@ logger = logging.getLogger(__name__)
 ExpertsBackend = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 
 
+def accumulate_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Accumulations of the fast paths (sums over k and over experts in the experts back-ends, the fused loss's
+    softmax and weight gradient) run in fp32 for half types, like transformers' reshape+sum."""
+    return torch.float32 if dtype in (torch.bfloat16, torch.float16) else dtype
+
+
 def reference_experts_forward(x_TD, gate_up_EDF2, down_EFD, idx_TK, w_TK):
     """Plain per-expert loop; the numerical truth every other back-end is tested against."""
     num_experts = gate_up_EDF2.shape[0]
@@ -277,6 +283,7 @@ __all__ = [
     "Ernie5MLP",
     "Ernie5SparseMoeBlock",
     "Ernie5TopKRouter",
+    "accumulate_dtype",
     "reference_experts_forward",
     "register_experts_backend",
     "resolve_experts_backend",

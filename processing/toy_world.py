@@ -270,7 +270,7 @@ def caption(scene: Scene, positions: bool = False) -> str:
     and a red circle at the bottom left" (a dense grounding signal for training).
     """
     if positions:
-        ordered = sorted(scene.shapes, key=lambda s: (s.center[1] >= 0.5, s.center[0] >= 0.5))
+        ordered = sorted(scene.shapes, key=lambda s: POSITIONS.index(s.position))
         parts = [f"a {s.color} {s.kind} at the {s.position}" for s in ordered]
     else:
         groups: dict[tuple[str, str], int] = {}

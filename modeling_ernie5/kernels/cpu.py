@@ -44,6 +44,7 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 
+from ..moe import accumulate_dtype
 from .routing import ExpertGroups, group_by_expert
 
 _GROUPED_MM_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -155,28 +156,6 @@ def needs_fp32_compute(x: torch.Tensor) -> bool:
     return not native
 
 
-def _experts_forward_in_fp32(x_TD, gate_up_EDF2, down_EFD, idx_TK, w_TK, driver) -> torch.Tensor:
-    """The back-end in fp32 for half-precision inputs (see `needs_fp32_compute`); the result has `x_TD`'s dtype.
-
-    Under autograd the casts are part of the graph, so the parameters receive gradients in their own dtype (the
-    fp32 weight gradients are rounded once, at the end). Without autograd the weights stay in their dtype and
-    `chunk_matmul` converts each expert's matrix as it uses it: a decoding step touches k of E experts, and
-    converting all of them would cost more than its matmuls.
-    """
-    if torch.is_grad_enabled() and any(t.requires_grad for t in (x_TD, gate_up_EDF2, down_EFD, w_TK)):
-        out = SortedExpertsFunction.apply(
-            x_TD.float(), gate_up_EDF2.float(), down_EFD.float(), idx_TK, w_TK.float(), driver
-        )
-        return out.to(x_TD.dtype)
-    layout = _layout(idx_TK, gate_up_EDF2.shape[0], grouped=False)
-    return _experts_forward(x_TD.float(), gate_up_EDF2, down_EFD, w_TK.float(), layout, save_h=False)[0].to(x_TD.dtype)
-
-
-def _accumulate_dtype(dtype: torch.dtype) -> torch.dtype:
-    # Sums over k (and over experts for dx) run in fp32 for half types, like transformers' reshape+sum.
-    return torch.float32 if dtype in (torch.bfloat16, torch.float16) else dtype
-
-
 def _gather_rows(src_TD: torch.Tensor, tok_R: torch.Tensor, buf: torch.Tensor | None) -> torch.Tensor:
     """`src_TD[tok_R]`, into the first rows of the chunk scratch `buf` when there is one (the loop driver)."""
     if buf is None:
@@ -207,7 +186,7 @@ def _experts_forward(x_TD, gate_up_EDF2, down_EFD, w_TK, layout: _Layout, save_h
     num_tokens, hidden = x_TD.shape
     two_f = gate_up_EDF2.shape[2]
     inter = two_f // 2
-    acc = _accumulate_dtype(x_TD.dtype)
+    acc = accumulate_dtype(x_TD.dtype)
     out_TD = torch.zeros(num_tokens, hidden, dtype=acc, device=x_TD.device)
     loop = offs is None
     h_SF2 = x_TD.new_empty(groups.num_valid if save_h and loop else 0, two_f)
@@ -258,7 +237,7 @@ class SortedExpertsFunction(torch.autograd.Function):
         num_experts, _, two_f = gate_up_EDF2.shape
         inter = two_f // 2
         dtype, device = x_TD.dtype, x_TD.device
-        acc = _accumulate_dtype(dtype)
+        acc = accumulate_dtype(dtype)
         if groups.num_valid == 0:
             # No real expert was hit: every gradient is exactly zero.
             return (
@@ -365,14 +344,20 @@ def sorted_experts_forward(
     if x_TD.shape[0] == 0:
         # Keep the autograd graph connected so an empty batch still yields (zero) gradients.
         return x_TD.new_zeros(x_TD.shape) + 0 * (x_TD.sum() + gate_up_EDF2.sum() + down_EFD.sum() + w_TK.sum())
-    if driver != "grouped_mm" and needs_fp32_compute(x_TD):
-        return _experts_forward_in_fp32(x_TD, gate_up_EDF2, down_EFD, idx_TK, w_TK, driver)
+    # Half precision on a CPU without native half matmul runs in fp32 (`needs_fp32_compute`); the result keeps
+    # x's dtype.
+    in_fp32 = driver != "grouped_mm" and needs_fp32_compute(x_TD)
+    x_in, w_in = (x_TD.float(), w_TK.float()) if in_fp32 else (x_TD, w_TK)
     if torch.is_grad_enabled() and any(t.requires_grad for t in (x_TD, gate_up_EDF2, down_EFD, w_TK)):
-        return SortedExpertsFunction.apply(x_TD, gate_up_EDF2, down_EFD, idx_TK, w_TK, driver)
-    # Inference: no autograd node, and the gate_up output stays in chunk scratch instead of being kept.
-    grouped = use_grouped_mm(driver, x_TD, gate_up_EDF2, down_EFD)
+        # The casts are part of the graph: parameters get their gradients in their own dtype, rounded once.
+        weights = (gate_up_EDF2.float(), down_EFD.float()) if in_fp32 else (gate_up_EDF2, down_EFD)
+        return SortedExpertsFunction.apply(x_in, *weights, idx_TK, w_in, driver).to(x_TD.dtype)
+    # Inference: no autograd node, and the gate_up output stays in chunk scratch instead of being kept. Half
+    # weights stay as they are: `chunk_matmul` converts only the experts a batch uses (a decoding step touches k
+    # of E, and converting all of them would cost more than its matmuls).
+    grouped = use_grouped_mm(driver, x_in, gate_up_EDF2, down_EFD)
     layout = _layout(idx_TK, gate_up_EDF2.shape[0], grouped)
-    return _experts_forward(x_TD, gate_up_EDF2, down_EFD, w_TK, layout, save_h=False)[0]
+    return _experts_forward(x_in, gate_up_EDF2, down_EFD, w_in, layout, save_h=False)[0].to(x_TD.dtype)
 
 
 def cpu_backend_available(x: torch.Tensor) -> bool:

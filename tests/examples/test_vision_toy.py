@@ -36,7 +36,7 @@ def test_vision_toy_runs_and_reports(tmp_path):
     again = tmp_path / "again"
     reused = main([
         "--output_dir", str(again), "--visual_tokenizer", str(tmp_path / "visual_tokenizer"), "--model_steps", "1",
-        "--batch_size", "2", "--gen_batch_size", "3", "--eval_scenes", "1", "--gen_per_prompt", "1",
+        "--batch_size", "2", "--eval_scenes", "1", "--gen_per_prompt", "1",
         "--hidden_size", "32", "--num_layers", "1",
     ])  # fmt: skip
     assert reused["tokenizer_psnr_db"] == pytest.approx(results["tokenizer_psnr_db"], abs=1e-4)

@@ -68,7 +68,7 @@ def test_train_visual_tokenizer_entry_point(tmp_path):
     tok6 = Ernie5VisualTokenizer.from_pretrained(tmp_path / "vt6")
     bits = tok6.encode(torch.zeros(1, 3, 16, 16))
     assert [b.shape[1] for b in bits] == [1, 2, 3, 4, 6, 8] == tok6.config.scale_schedule
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="scale_schedule"):
         main(["--output_dir", str(tmp_path / "bad"), "--image_size", "16", "--channel_multipliers", "1,2",
               "--scale_schedule", "1,2,4"])  # fmt: skip
     with pytest.raises(ValueError, match="adversarial_weight"):
