@@ -29,6 +29,7 @@ import platform
 import statistics
 import sys
 import time
+import traceback
 from pathlib import Path
 
 import torch
@@ -44,38 +45,46 @@ from modeling_ernie5.moe import reference_experts_forward  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
-# name: (hidden, inter, experts, top_k, token counts)
-SHAPES = {
-    "qwen3-30b-a3b": (2048, 768, 128, 8, [512, 4096, 16384]),
-    "ernie4.5-21b-a3b": (2560, 1536, 64, 6, [512, 4096, 16384]),
-    "issue3-target": (512, 256, 64, 8, [4096, 32768]),
+# name: (hidden, inter, experts, top_k); points are (name, tokens) in the order they run, the large-T points that
+# the issue's GPU target is about first, so a run cut short by --budget_s still has them.
+DIMS = {
+    "qwen3-30b-a3b": (2048, 768, 128, 8),
+    "ernie4.5-21b-a3b": (2560, 1536, 64, 6),
+    "issue3-target": (512, 256, 64, 8),
+    "smoke": (32, 16, 4, 2),
 }
-QUICK_SHAPES = {"qwen3-30b-a3b": (2048, 768, 128, 8, [4096, 16384]), "ernie4.5-21b-a3b": (2560, 1536, 64, 6, [16384])}
-SMOKE_SHAPES = {"smoke": (32, 16, 4, 2, [24])}
+POINTS = [
+    ("ernie4.5-21b-a3b", 16384), ("qwen3-30b-a3b", 16384), ("qwen3-30b-a3b", 4096), ("issue3-target", 32768),
+    ("ernie4.5-21b-a3b", 4096), ("qwen3-30b-a3b", 512), ("issue3-target", 4096), ("ernie4.5-21b-a3b", 512),
+]
+QUICK_POINTS = POINTS[:3]
+SMOKE_POINTS = [("smoke", 24)]
 
 
 # ------------------------------------------------------------------------------------------------ inputs
 
 
 def make_inputs(tokens, hidden, inter, experts, top_k, dtype, device, routing="uniform", seed=0):
-    gen = torch.Generator(device="cpu").manual_seed(seed)
-    x = torch.randn(tokens, hidden, generator=gen)
-    gate_up = torch.randn(experts, hidden, 2 * inter, generator=gen) / hidden**0.5
-    down = torch.randn(experts, inter, hidden, generator=gen) / inter**0.5
-    scores = torch.rand(tokens, experts, generator=gen)
+    # Drawn on the device itself: the large timing shapes hold ~0.5 G weights, slow to draw on one CPU thread.
+    gen = torch.Generator(device=device).manual_seed(seed)
+    kw = dict(generator=gen, device=device)
+    x = torch.randn(tokens, hidden, **kw)
+    gate_up = torch.randn(experts, hidden, 2 * inter, **kw) / hidden**0.5
+    down = torch.randn(experts, inter, hidden, **kw) / inter**0.5
+    scores = torch.rand(tokens, experts, **kw)
     if routing == "skewed":
-        scores[:, :2] += 10.0 * (torch.rand(tokens, 1, generator=gen) < 0.9)
+        scores[:, :2] += 10.0 * (torch.rand(tokens, 1, **kw) < 0.9)
         scores[:, experts // 2 :] -= 100.0
     idx = scores.topk(top_k, dim=-1).indices
-    w = torch.rand(tokens, top_k, generator=gen) + 0.1
+    w = torch.rand(tokens, top_k, **kw) + 0.1
     if routing == "sentinel":
-        k_tok = torch.randint(0, top_k + 1, (tokens,), generator=gen)
-        empty = torch.arange(top_k)[None, :] >= k_tok[:, None]
+        k_tok = torch.randint(0, top_k + 1, (tokens,), **kw)
+        empty = torch.arange(top_k, device=device)[None, :] >= k_tok[:, None]
         idx, w = idx.masked_fill(empty, experts), w.masked_fill(empty, 0.0)
     w = w / w.sum(-1, keepdim=True).clamp(min=1e-12)
-    upstream = torch.randn(tokens, hidden, generator=gen)
-    cast = lambda t: t.to(device=device, dtype=dtype)  # noqa: E731
-    return cast(x), cast(gate_up), cast(down), idx.to(device), cast(w), cast(upstream)
+    upstream = torch.randn(tokens, hidden, **kw)
+    cast = lambda t: t.to(dtype=dtype)  # noqa: E731
+    return cast(x), cast(gate_up), cast(down), idx, cast(w), cast(upstream)
 
 
 def rel_err(a, b) -> float:
@@ -230,15 +239,19 @@ def hf_experts(impl, gate_up, down):
     return module
 
 
+# Public since torch 2.10 or so; older builds with the CUDA kernel expose the private op.
+GROUPED_MM = getattr(F, "grouped_mm", None) or getattr(torch, "_grouped_mm", None)
+
+
 def bare_grouped_mm(x, gate_up, down, idx, w):
-    """The floor of a PyTorch implementation: sort, two `F.grouped_mm`s with SwiGLU, weighted scatter-add."""
+    """The floor of a PyTorch implementation: sort, two grouped matmuls with SwiGLU, weighted scatter-add."""
     groups = group_by_expert(idx, gate_up.shape[0])
     offs = groups.offsets_E.to(torch.int32)
     tok = groups.valid_token
-    h = F.grouped_mm(x[tok], gate_up, offs=offs)
+    h = GROUPED_MM(x[tok], gate_up, offs=offs)
     inter = h.shape[1] // 2
     a = F.silu(h[:, :inter]) * h[:, inter:]
-    y = F.grouped_mm(a, down, offs=offs) * w.reshape(-1)[groups.valid_order, None]
+    y = GROUPED_MM(a, down, offs=offs) * w.reshape(-1)[groups.valid_order, None]
     return torch.zeros_like(x).index_add(0, tok, y)
 
 
@@ -252,8 +265,9 @@ def bench_shape(name, hidden, inter, experts, top_k, tokens, device, measure, it
     fns = {
         "ernie5:triton": lambda a, b, c: triton_experts_forward(a, b, c, idx, w),
         "ernie5:cpu(sorted+grouped_mm)": lambda a, b, c: sorted_experts_forward(a, b, c, idx, w),
-        "torch:F.grouped_mm(bare)": lambda a, b, c: bare_grouped_mm(a, b, c, idx, w),
     }
+    if GROUPED_MM is not None:
+        fns["torch:F.grouped_mm(bare)"] = lambda a, b, c: bare_grouped_mm(a, b, c, idx, w)
     modules = {}
     for impl in ("grouped_mm", "batched_mm", "eager"):
         copies = tokens * top_k * 3 * hidden * inter * 2
@@ -311,11 +325,22 @@ def bench_shape(name, hidden, inter, experts, top_k, tokens, device, measure, it
             "tokens_per_expert": tokens * top_k / experts, "results": rows}
 
 
+def tuned_configs(ops) -> dict:
+    """The tile the autotuner picked for each key it has seen (empty when autotuning was off)."""
+    found = {}
+    for name in ("_grouped_gemm_tuned", "_grouped_gemm_tn_tuned"):
+        for key, config in getattr(getattr(ops, name), "cache", {}).items():
+            found[f"{name}{key}"] = str(config)
+    return found
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--smoke", action="store_true", help="tiny sizes; runs on CPU under TRITON_INTERPRET=1")
     parser.add_argument("--iters", type=int, default=None)
+    parser.add_argument("--budget_s", type=float, default=None,
+                        help="start no new timing point after this many seconds (a lent GPU's time is short)")
     parser.add_argument("--out", type=Path, default=None, help="defaults to results/gpu_moe.json (gpu_moe_smoke.json with --smoke)")
     args = parser.parse_args(argv)
     if args.out is None:  # a CPU smoke run must never pass for (or overwrite) a real GPU result
@@ -331,53 +356,76 @@ def main(argv=None) -> int:
         return 2
     import triton
 
+    from modeling_ernie5.kernels.triton import ops
+
+    started = time.perf_counter()
     report = {
         "benchmark": "gpu_moe",
         "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu (triton interpreter)",
         "versions": {"torch": torch.__version__, "triton": triton.__version__,
                      "transformers": __import__("transformers").__version__, "python": platform.python_version()},
     }
-    print(f"device: {report['device']}  versions: {report['versions']}")
-    report["launchers"] = check_launchers(device)
-    report["backend"] = check_backend(device)
-    failures = [k for k, v in report["launchers"].items() if v > 1e-4]
+    print(f"device: {report['device']}  versions: {report['versions']}", flush=True)
+    ops.AUTOTUNE = False  # correctness needs every code path, not the best tile: one compile per variant
+    failures = []
+    for part, check in (("launchers", check_launchers), ("backend", check_backend)):
+        try:
+            report[part] = check(device)
+        except Exception as exc:  # e.g. a kernel that does not compile: record it and still time the others
+            report[part] = {}
+            failures.append(f"{part}: {type(exc).__name__}: {exc}"[:2000])
+            traceback.print_exc()
+    failures += [k for k, v in report["launchers"].items() if v > 1e-4]
     for case, errs in report["backend"].items():
         limit = 1e-4 if case.endswith("float32") else 4e-2
         failures += [f"{case}:{k}" for k, v in errs.items() if v > limit]
     print("launchers:", json.dumps(report["launchers"], indent=1))
     print("backend:", json.dumps(report["backend"], indent=1))
     report["correctness_failures"] = failures
-    print("correctness:", "OK" if not failures else f"FAILED {failures}")
+    report["correctness_s"] = time.perf_counter() - started
+    print("correctness:", "OK" if not failures else f"FAILED {failures}", f"({report['correctness_s']:.0f} s)",
+          flush=True)
+    ops.AUTOTUNE = device.type == "cuda"
 
     measure = timer(device)
     dense = dense_rate(device, torch.bfloat16, measure, args.smoke)
     bandwidth = copy_bandwidth(device, measure, args.smoke)
     report["dense_bf16_tflops"] = dense / 1e12
     report["copy_bandwidth_gbs"] = bandwidth / 1e9
-    print(f"dense bf16 matmul: {dense / 1e12:.1f} TFLOP/s, copy bandwidth {bandwidth / 1e9:.0f} GB/s")
-    shapes = SMOKE_SHAPES if args.smoke else QUICK_SHAPES if args.quick else SHAPES
+    print(f"dense bf16 matmul: {dense / 1e12:.1f} TFLOP/s, copy bandwidth {bandwidth / 1e9:.0f} GB/s", flush=True)
+    points = SMOKE_POINTS if args.smoke else QUICK_POINTS if args.quick else POINTS
     iters = args.iters or (2 if args.smoke else 10 if args.quick else 25)
     warmup = 1 if args.smoke else 3
     report["points"] = []
-    for name, (hidden, inter, experts, top_k, token_list) in shapes.items():
-        for tokens in token_list:
-            point = bench_shape(name, hidden, inter, experts, top_k, tokens, device, measure, iters, warmup, dense, bandwidth)
-            report["points"].append(point)
-            print(f"\n== {name} T={tokens} ({point['tokens_per_expert']:.0f} tokens/expert), bf16")
-            print(f"{'impl':<30}{'fwd ms':>9}{'TF/s':>8}{'%dense':>8}{'xHF':>6}{'f+b ms':>10}{'TF/s':>8}{'%dense':>8}{'xHF':>6}{'SOL':>6}")
-            for cand, r in point["results"].items():
-                if "error" in r:
-                    print(f"{cand:<30} error: {r['error'][:80]}")
-                    continue
-                print(f"{cand:<30}{r['fwd_ms']:>9.3f}{r['fwd_tflops']:>8.1f}{100 * r['fwd_fraction_of_dense']:>7.0f}%"
-                      f"{r.get('fwd_vs_hf_best', float('nan')):>6.2f}{r['fwd_bwd_ms']:>10.3f}{r['fwd_bwd_tflops']:>8.1f}"
-                      f"{100 * r['fwd_bwd_fraction_of_dense']:>7.0f}%{r.get('fwd_bwd_vs_hf_best', float('nan')):>6.2f}"
-                      f"{r['fwd_bwd_sol']:>6.2f}")
-            args.out.parent.mkdir(parents=True, exist_ok=True)
-            args.out.write_text(json.dumps(report, indent=1))  # keep finished points if a later one crashes
+    report["skipped_points"] = []
+    for name, tokens in points:
+        if args.budget_s is not None and time.perf_counter() - started > args.budget_s:
+            report["skipped_points"].append(f"{name} T={tokens}")
+            continue
+        t_point = time.perf_counter()
+        point = bench_shape(name, *DIMS[name], tokens, device, measure, iters, warmup, dense, bandwidth)
+        point["seconds"] = time.perf_counter() - t_point
+        report["points"].append(point)
+        report["autotuned"] = tuned_configs(ops)
+        print(f"\n== {name} T={tokens} ({point['tokens_per_expert']:.0f} tokens/expert), bf16, "
+              f"{point['seconds']:.0f} s incl. autotuning")
+        print(f"{'impl':<30}{'fwd ms':>9}{'TF/s':>8}{'%dense':>8}{'xHF':>6}{'f+b ms':>10}{'TF/s':>8}{'%dense':>8}{'xHF':>6}{'SOL':>6}")
+        for cand, r in point["results"].items():
+            if "error" in r:
+                print(f"{cand:<30} error: {r['error'][:80]}")
+                continue
+            print(f"{cand:<30}{r['fwd_ms']:>9.3f}{r['fwd_tflops']:>8.1f}{100 * r['fwd_fraction_of_dense']:>7.0f}%"
+                  f"{r.get('fwd_vs_hf_best', float('nan')):>6.2f}{r['fwd_bwd_ms']:>10.3f}{r['fwd_bwd_tflops']:>8.1f}"
+                  f"{100 * r['fwd_bwd_fraction_of_dense']:>7.0f}%{r.get('fwd_bwd_vs_hf_best', float('nan')):>6.2f}"
+                  f"{r['fwd_bwd_sol']:>6.2f}")
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(report, indent=1))  # keep finished points if a later one crashes
+    if report["skipped_points"]:
+        print(f"\nskipped (over --budget_s): {report['skipped_points']}")
+    report["total_s"] = time.perf_counter() - started
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=1))
-    print(f"\nwrote {args.out}")
+    print(f"\nwrote {args.out} after {report['total_s']:.0f} s")
     return 1 if failures else 0
 
 

@@ -64,3 +64,16 @@ def test_triton_availability_predicate():
     if torch.cuda.is_available():
         assert triton_available(torch.zeros(2, 2, device="cuda", dtype=torch.bfloat16))
         assert not triton_available(torch.zeros(2, 2, device="cuda", dtype=torch.float64))
+
+
+def test_triton_fixed_tiles_without_autotuning(monkeypatch):
+    """`ERNIE5_TRITON_AUTOTUNE=0` launches the plain kernels with one fixed tile (a different tile from the tuned
+    path's, so masks at other block edges are exercised): same results as the reference, gradients included."""
+    from modeling_ernie5.kernels.triton import ops
+
+    monkeypatch.setattr(ops, "AUTOTUNE", False)
+    for name in ("_grouped_gemm_tuned", "_grouped_gemm_tn_tuned"):
+        monkeypatch.setattr(ops, name, None)  # a launch through the autotuner would now fail loudly
+    case = make_case(19, 40, 20, 4, 2, dtype=torch.float32, routing="skewed", seed=5, device=DEVICE)
+    assert_matches(run_with_grads(triton_experts_forward, *case), run_with_grads(reference_experts_forward, *case),
+                   **TOL[torch.float32])  # fmt: skip

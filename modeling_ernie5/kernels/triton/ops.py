@@ -45,29 +45,39 @@ def _upcast(dtype: torch.dtype) -> bool:
     return INTERPRETED or dtype in (torch.float32, torch.float64)
 
 
+# Autotuning compiles every candidate tile once per new key (sizes, BLOCK_M, dtypes): worth it for a long run, not
+# for a correctness pass over many small shapes or a quick start. `ERNIE5_TRITON_AUTOTUNE=0` (or setting `AUTOTUNE`
+# on this module before a launch) uses the one fixed tile below instead.
+AUTOTUNE = os.environ.get("ERNIE5_TRITON_AUTOTUNE", "1") not in ("", "0")
+
+if INTERPRETED:  # the interpreter accepts exactly one autotune config; the fixed tiles differ to exercise the masks
+    GEMM_TILES = [(32, 32, 4, 1)]
+    TN_TILES = [(32, 32, 32, 4, 1)]
+    FIXED_GEMM_TILE = dict(BLOCK_N=16, BLOCK_K=16, num_warps=1, num_stages=1)
+    FIXED_TN_TILE = dict(BLOCK_M=16, BLOCK_N=16, BLOCK_R=16, num_warps=1, num_stages=1)
+else:
+    # (BLOCK_N, BLOCK_K, warps, stages); BLOCK_M comes from the routing (`pick_block_m`). BLOCK_N stays <= 128
+    # because the SwiGLU variant keeps two accumulators.
+    GEMM_TILES = [(64, 32, 4, 3), (128, 32, 4, 4), (128, 64, 8, 3), (64, 64, 4, 4), (128, 64, 8, 4)]
+    TN_TILES = [(64, 64, 32, 4, 3), (128, 128, 32, 8, 3), (128, 64, 64, 4, 3), (128, 128, 64, 8, 4)]
+    FIXED_GEMM_TILE = dict(BLOCK_N=64, BLOCK_K=32, num_warps=4, num_stages=3)
+    FIXED_TN_TILE = dict(BLOCK_M=64, BLOCK_N=64, BLOCK_R=32, num_warps=4, num_stages=3)
+
+
 def _gemm_configs():
-    """Tile candidates for autotuning on a GPU; the interpreter accepts exactly one config."""
-    if INTERPRETED:
-        return [triton.Config({"BLOCK_N": 32, "BLOCK_K": 32}, num_warps=4, num_stages=1)]
-    return [
-        triton.Config({"BLOCK_N": bn, "BLOCK_K": bk}, num_warps=w, num_stages=s)
-        for bn, bk, w, s in [(64, 32, 4, 3), (128, 32, 4, 4), (128, 64, 8, 3), (64, 64, 4, 4), (256, 64, 8, 3)]
-    ]
+    return [triton.Config({"BLOCK_N": bn, "BLOCK_K": bk}, num_warps=w, num_stages=s) for bn, bk, w, s in GEMM_TILES]
 
 
 def _tn_configs():
-    if INTERPRETED:
-        return [triton.Config({"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_R": 32}, num_warps=4, num_stages=1)]
     return [
         triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_R": br}, num_warps=w, num_stages=s)
-        for bm, bn, br, w, s in [(64, 64, 32, 4, 3), (128, 128, 32, 8, 3), (128, 64, 64, 4, 3), (64, 128, 64, 4, 4)]
+        for bm, bn, br, w, s in TN_TILES
     ]
 
 
 # --------------------------------------------------------------------------------------------- grouped GEMM
 
 
-@triton.autotune(configs=_gemm_configs(), key=["N", "K", "SWIGLU"])
 @triton.jit
 def _grouped_gemm_kernel(
     a_ptr, b_ptr, c_ptr, h_ptr, w_ptr, gather_ptr,
@@ -124,6 +134,9 @@ def _grouped_gemm_kernel(
     tl.store(c_ptr + c_offs, acc.to(c_ptr.dtype.element_ty), mask=out_mask)
 
 
+_grouped_gemm_tuned = triton.autotune(configs=_gemm_configs(), key=["N", "K", "SWIGLU", "BLOCK_M"])(_grouped_gemm_kernel)
+
+
 def block_layout(counts_E: torch.Tensor, offsets_E: torch.Tensor, block_m: int):
     """M-block metadata: for every block of at most `block_m` rows inside one expert's run, its expert, first row
     and the end of that expert's run. Empty experts get no block."""
@@ -177,7 +190,8 @@ def grouped_gemm(
         return c, h
     dummy = c
     grid = lambda meta: (block_expert.numel(), triton.cdiv(n_out, meta["BLOCK_N"]))  # noqa: E731
-    _grouped_gemm_kernel[grid](
+    kernel, tile = (_grouped_gemm_tuned, {}) if AUTOTUNE else (_grouped_gemm_kernel, FIXED_GEMM_TILE)
+    kernel[grid](
         a, b_EKN, c, h if h is not None else dummy, w_S if w_S is not None else dummy,
         gather if gather is not None else block_row,
         block_expert, block_row, block_end,
@@ -185,7 +199,7 @@ def grouped_gemm(
         a.stride(0), a.stride(1), b_EKN.stride(0), b_EKN.stride(1), b_EKN.stride(2), c.stride(0), c.stride(1),
         h.stride(0) if h is not None else 0,
         GATHER=gather is not None, SWIGLU=swiglu, STORE_H=h is not None, UPCAST=_upcast(a.dtype),
-        ACC=_acc_dtype(a.dtype), BLOCK_M=block_m,
+        ACC=_acc_dtype(a.dtype), BLOCK_M=block_m, **tile,
     )
     return c, h
 
@@ -193,7 +207,6 @@ def grouped_gemm(
 # ------------------------------------------------------------------------------------- grouped A^T B (dW)
 
 
-@triton.autotune(configs=_tn_configs(), key=["M", "N"])
 @triton.jit
 def _grouped_gemm_tn_kernel(
     a_ptr, b_ptr, c_ptr, a_gather_ptr, b_gather_ptr, offsets_ptr, counts_ptr,
@@ -236,6 +249,9 @@ def _grouped_gemm_tn_kernel(
     tl.store(c_ptr + c_offs, acc.to(c_ptr.dtype.element_ty), mask=m_mask[:, None] & n_mask[None, :])
 
 
+_grouped_gemm_tn_tuned = triton.autotune(configs=_tn_configs(), key=["M", "N"])(_grouped_gemm_tn_kernel)
+
+
 def grouped_gemm_tn(
     a: torch.Tensor,
     b: torch.Tensor,
@@ -255,14 +271,15 @@ def grouped_gemm_tn(
     def grid(meta):
         return (num_experts, triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]))
 
-    _grouped_gemm_tn_kernel[grid](
+    kernel, tile = (_grouped_gemm_tn_tuned, {}) if AUTOTUNE else (_grouped_gemm_tn_kernel, FIXED_TN_TILE)
+    kernel[grid](
         a, b, c,
         a_gather if a_gather is not None else offsets_E, b_gather if b_gather is not None else offsets_E,
         offsets_E, counts_E,
         m, n,
         a.stride(0), a.stride(1), b.stride(0), b.stride(1), c.stride(0), c.stride(1), c.stride(2),
         A_GATHER=a_gather is not None, B_GATHER=b_gather is not None, UPCAST=_upcast(a.dtype),
-        ACC=_acc_dtype(a.dtype),
+        ACC=_acc_dtype(a.dtype), **tile,
     )
     return c
 
