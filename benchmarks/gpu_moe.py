@@ -325,10 +325,40 @@ def bench_shape(name, hidden, inter, experts, top_k, tokens, device, measure, it
             "tokens_per_expert": tokens * top_k / experts, "results": rows}
 
 
+def kernel_breakdown(hidden, inter, experts, top_k, tokens, device, iters=5) -> dict:
+    """Device time per kernel of one forward+backward (torch profiler), ernie5 `triton` against HF `grouped_mm`:
+    where the time goes, in microseconds per step, largest first."""
+    from torch.profiler import ProfilerActivity, profile
+
+    x, gu, dn, idx, w, dy = make_inputs(tokens, hidden, inter, experts, top_k, torch.bfloat16, device)
+    mod = hf_experts("grouped_mm", gu, dn)
+    params = [gu.clone().requires_grad_(), dn.clone().requires_grad_()]
+    runs = {
+        "ernie5:triton": lambda xx: triton_experts_forward(xx, params[0], params[1], idx, w),
+        "hf:grouped_mm": lambda xx: mod(xx, idx, w),
+    }
+    found = {}
+    for cand, fwd in runs.items():
+        xg = x.clone().requires_grad_()
+        fwd(xg).backward(dy)  # warm (compiled and tuned already by the timing pass)
+        torch.cuda.synchronize()
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            for _ in range(iters):
+                fwd(xg).backward(dy)
+            torch.cuda.synchronize()
+        per_kernel = {}
+        for evt in prof.key_averages():
+            us = getattr(evt, "self_device_time_total", None) or getattr(evt, "self_cuda_time_total", 0)
+            if us > 0 and str(evt.device_type).endswith("CUDA"):
+                per_kernel[evt.key[:90]] = per_kernel.get(evt.key[:90], 0.0) + us / iters
+        found[cand] = dict(sorted(per_kernel.items(), key=lambda kv: -kv[1])[:12])
+    return found
+
+
 def tuned_configs(ops) -> dict:
     """The tile the autotuner picked for each key it has seen (empty when autotuning was off)."""
     found = {}
-    for name in ("_grouped_gemm_tuned", "_grouped_gemm_tn_tuned"):
+    for name in ("_grouped_gemm_swiglu_tuned", "_grouped_gemm_tuned", "_grouped_gemm_tn_tuned"):
         for key, config in getattr(getattr(ops, name), "cache", {}).items():
             found[f"{name}{key}"] = str(config)
     return found
@@ -339,6 +369,7 @@ def main(argv=None) -> int:
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--smoke", action="store_true", help="tiny sizes; runs on CPU under TRITON_INTERPRET=1")
     parser.add_argument("--iters", type=int, default=None)
+    parser.add_argument("--breakdown", action="store_true", help="per-kernel device times at the first point")
     parser.add_argument("--budget_s", type=float, default=None,
                         help="start no new timing point after this many seconds (a lent GPU's time is short)")
     parser.add_argument("--out", type=Path, default=None, help="defaults to results/gpu_moe.json (gpu_moe_smoke.json with --smoke)")
@@ -407,6 +438,15 @@ def main(argv=None) -> int:
         point["seconds"] = time.perf_counter() - t_point
         report["points"].append(point)
         report["autotuned"] = tuned_configs(ops)
+        if device.type == "cuda" and args.breakdown and len(report["points"]) == 1:
+            try:
+                point["kernel_breakdown_us"] = kernel_breakdown(*DIMS[name], tokens, device)
+                for cand, kernels in point["kernel_breakdown_us"].items():
+                    print(f"{cand} per-kernel device time (us per fwd+bwd):")
+                    for kname, us in kernels.items():
+                        print(f"  {us:9.1f}  {kname}")
+            except Exception as exc:  # a profiler problem must not cost the timings
+                point["kernel_breakdown_us"] = {"error": f"{type(exc).__name__}: {exc}"[:300]}
         print(f"\n== {name} T={tokens} ({point['tokens_per_expert']:.0f} tokens/expert), bf16, "
               f"{point['seconds']:.0f} s incl. autotuning")
         print(f"{'impl':<30}{'fwd ms':>9}{'TF/s':>8}{'%dense':>8}{'xHF':>6}{'f+b ms':>10}{'TF/s':>8}{'%dense':>8}{'xHF':>6}{'SOL':>6}")

@@ -72,7 +72,7 @@ def test_triton_fixed_tiles_without_autotuning(monkeypatch):
     from modeling_ernie5.kernels.triton import ops
 
     monkeypatch.setattr(ops, "AUTOTUNE", False)
-    for name in ("_grouped_gemm_tuned", "_grouped_gemm_tn_tuned"):
+    for name in ("_grouped_gemm_swiglu_tuned", "_grouped_gemm_tuned", "_grouped_gemm_tn_tuned"):
         monkeypatch.setattr(ops, name, None)  # a launch through the autotuner would now fail loudly
     case = make_case(19, 40, 20, 4, 2, dtype=torch.float32, routing="skewed", seed=5, device=DEVICE)
     assert_matches(run_with_grads(triton_experts_forward, *case), run_with_grads(reference_experts_forward, *case),

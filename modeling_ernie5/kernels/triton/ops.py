@@ -51,21 +51,22 @@ def _upcast(dtype: torch.dtype) -> bool:
 AUTOTUNE = os.environ.get("ERNIE5_TRITON_AUTOTUNE", "1") not in ("", "0")
 
 if INTERPRETED:  # the interpreter accepts exactly one autotune config; the fixed tiles differ to exercise the masks
-    GEMM_TILES = [(32, 32, 4, 1)]
+    GEMM_TILES = SWIGLU_TILES = [(32, 32, 4, 1)]
     TN_TILES = [(32, 32, 32, 4, 1)]
     FIXED_GEMM_TILE = dict(BLOCK_N=16, BLOCK_K=16, num_warps=1, num_stages=1)
     FIXED_TN_TILE = dict(BLOCK_M=16, BLOCK_N=16, BLOCK_R=16, num_warps=1, num_stages=1)
 else:
-    # (BLOCK_N, BLOCK_K, warps, stages); BLOCK_M comes from the routing (`pick_block_m`). BLOCK_N stays <= 128
-    # because the SwiGLU variant keeps two accumulators.
-    GEMM_TILES = [(64, 32, 4, 3), (128, 32, 4, 4), (128, 64, 8, 3), (64, 64, 4, 4), (128, 64, 8, 4)]
-    TN_TILES = [(64, 64, 32, 4, 3), (128, 128, 32, 8, 3), (128, 64, 64, 4, 3), (128, 128, 64, 8, 4)]
+    # (BLOCK_N, BLOCK_K, warps, stages); BLOCK_M comes from the routing (`pick_block_m`). The SwiGLU variant keeps
+    # two accumulators, so its BLOCK_N stops at 128 (a 128 x 256 output tile per program, gate and up together).
+    SWIGLU_TILES = [(64, 32, 4, 3), (128, 32, 4, 4), (128, 64, 8, 3), (64, 64, 4, 4), (128, 64, 8, 4)]
+    GEMM_TILES = SWIGLU_TILES + [(256, 64, 8, 3)]
+    TN_TILES = [(64, 64, 32, 4, 3), (128, 128, 32, 8, 3), (128, 64, 64, 4, 3), (128, 128, 64, 8, 4), (128, 256, 64, 8, 3)]
     FIXED_GEMM_TILE = dict(BLOCK_N=64, BLOCK_K=32, num_warps=4, num_stages=3)
     FIXED_TN_TILE = dict(BLOCK_M=64, BLOCK_N=64, BLOCK_R=32, num_warps=4, num_stages=3)
 
 
-def _gemm_configs():
-    return [triton.Config({"BLOCK_N": bn, "BLOCK_K": bk}, num_warps=w, num_stages=s) for bn, bk, w, s in GEMM_TILES]
+def _gemm_configs(tiles):
+    return [triton.Config({"BLOCK_N": bn, "BLOCK_K": bk}, num_warps=w, num_stages=s) for bn, bk, w, s in tiles]
 
 
 def _tn_configs():
@@ -87,8 +88,11 @@ def _grouped_gemm_kernel(
     GATHER: tl.constexpr, SWIGLU: tl.constexpr, STORE_H: tl.constexpr, UPCAST: tl.constexpr,
     ACC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
-    pid_m = tl.program_id(0)
-    pid_n = tl.program_id(1)
+    # N-tiles of one M-block run next to each other, so the gathered A block is read from memory once and the
+    # expert's weights (a few MB) stay in L2 across that expert's M-blocks.
+    tiles_n = tl.cdiv(N, BLOCK_N)
+    pid_m = tl.program_id(0) // tiles_n
+    pid_n = tl.program_id(0) % tiles_n
     expert = tl.load(block_expert_ptr + pid_m).to(tl.int64)
     row0 = tl.load(block_row_ptr + pid_m)
     row_end = tl.load(block_end_ptr + pid_m)
@@ -134,7 +138,9 @@ def _grouped_gemm_kernel(
     tl.store(c_ptr + c_offs, acc.to(c_ptr.dtype.element_ty), mask=out_mask)
 
 
-_grouped_gemm_tuned = triton.autotune(configs=_gemm_configs(), key=["N", "K", "SWIGLU", "BLOCK_M"])(_grouped_gemm_kernel)
+_GEMM_KEY = ["N", "K", "SWIGLU", "BLOCK_M"]
+_grouped_gemm_tuned = triton.autotune(configs=_gemm_configs(GEMM_TILES), key=_GEMM_KEY)(_grouped_gemm_kernel)
+_grouped_gemm_swiglu_tuned = triton.autotune(configs=_gemm_configs(SWIGLU_TILES), key=_GEMM_KEY)(_grouped_gemm_kernel)
 
 
 def block_layout(counts_E: torch.Tensor, offsets_E: torch.Tensor, block_m: int):
@@ -189,8 +195,9 @@ def grouped_gemm(
     if num_rows == 0 or block_expert.numel() == 0:
         return c, h
     dummy = c
-    grid = lambda meta: (block_expert.numel(), triton.cdiv(n_out, meta["BLOCK_N"]))  # noqa: E731
-    kernel, tile = (_grouped_gemm_tuned, {}) if AUTOTUNE else (_grouped_gemm_kernel, FIXED_GEMM_TILE)
+    grid = lambda meta: (block_expert.numel() * triton.cdiv(n_out, meta["BLOCK_N"]),)  # noqa: E731
+    tuned = _grouped_gemm_swiglu_tuned if swiglu else _grouped_gemm_tuned
+    kernel, tile = (tuned, {}) if AUTOTUNE else (_grouped_gemm_kernel, FIXED_GEMM_TILE)
     kernel[grid](
         a, b_EKN, c, h if h is not None else dummy, w_S if w_S is not None else dummy,
         gather if gather is not None else block_row,
@@ -215,8 +222,10 @@ def _grouped_gemm_tn_kernel(
     A_GATHER: tl.constexpr, B_GATHER: tl.constexpr, UPCAST: tl.constexpr, ACC: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
 ):
-    expert = tl.program_id(0).to(tl.int64)
-    tile = tl.program_id(1)
+    # All tiles of one expert before the next expert: that expert's rows of A and B (a few MB) stay in L2 while
+    # its tiles run, instead of every tile re-reading them from memory.
+    tile = tl.program_id(0)
+    expert = tl.program_id(1).to(tl.int64)
     tiles_n = tl.cdiv(N, BLOCK_N)
     ms = (tile // tiles_n) * BLOCK_M + tl.arange(0, BLOCK_M)
     ns = (tile % tiles_n) * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -269,7 +278,7 @@ def grouped_gemm_tn(
         return c
 
     def grid(meta):
-        return (num_experts, triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]))
+        return (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]), num_experts)
 
     kernel, tile = (_grouped_gemm_tn_tuned, {}) if AUTOTUNE else (_grouped_gemm_tn_kernel, FIXED_TN_TILE)
     kernel[grid](
