@@ -326,32 +326,46 @@ def bench_shape(name, hidden, inter, experts, top_k, tokens, device, measure, it
 
 
 def kernel_breakdown(hidden, inter, experts, top_k, tokens, device, iters=5) -> dict:
-    """Device time per kernel of one forward+backward (torch profiler), ernie5 `triton` against HF `grouped_mm`:
-    where the time goes, in microseconds per step, largest first."""
+    """Where one forward+backward spends its time (torch profiler), ernie5 `triton` against HF `grouped_mm`: device
+    time per kernel (us per step, largest first), the wall time per step, and the host calls that cost the most
+    (a wall time well above the summed kernel time means the GPU waited for the host)."""
     from torch.profiler import ProfilerActivity, profile
 
     x, gu, dn, idx, w, dy = make_inputs(tokens, hidden, inter, experts, top_k, torch.bfloat16, device)
     mod = hf_experts("grouped_mm", gu, dn)
     params = [gu.clone().requires_grad_(), dn.clone().requires_grad_()]
     runs = {
-        "ernie5:triton": lambda xx: triton_experts_forward(xx, params[0], params[1], idx, w),
-        "hf:grouped_mm": lambda xx: mod(xx, idx, w),
+        "ernie5:triton": (lambda xx: triton_experts_forward(xx, params[0], params[1], idx, w), params),
+        "hf:grouped_mm": (lambda xx: mod(xx, idx, w), [mod.gate_up_proj, mod.down_proj]),
     }
     found = {}
-    for cand, fwd in runs.items():
+    for cand, (fwd, leaves) in runs.items():
         xg = x.clone().requires_grad_()
-        fwd(xg).backward(dy)  # warm (compiled and tuned already by the timing pass)
+
+        def step():
+            for t in (*leaves, xg):
+                t.grad = None
+            fwd(xg).backward(dy)
+
+        step()  # compiled and tuned already by the timing pass
         torch.cuda.synchronize()
-        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+            t0 = time.perf_counter()
             for _ in range(iters):
-                fwd(xg).backward(dy)
+                step()
             torch.cuda.synchronize()
-        per_kernel = {}
+            wall_us = (time.perf_counter() - t0) / iters * 1e6
+        kernels, host = {}, {}
         for evt in prof.key_averages():
-            us = getattr(evt, "self_device_time_total", None) or getattr(evt, "self_cuda_time_total", 0)
-            if us > 0 and str(evt.device_type).endswith("CUDA"):
-                per_kernel[evt.key[:90]] = per_kernel.get(evt.key[:90], 0.0) + us / iters
-        found[cand] = dict(sorted(per_kernel.items(), key=lambda kv: -kv[1])[:12])
+            name = evt.key[:90]
+            if str(evt.device_type).endswith("CUDA"):
+                us = getattr(evt, "self_device_time_total", None) or getattr(evt, "self_cuda_time_total", 0)
+                kernels[name] = kernels.get(name, 0.0) + us / iters
+            else:
+                host[name] = host.get(name, 0.0) + evt.self_cpu_time_total / iters
+        top = lambda d, n: dict(sorted(d.items(), key=lambda kv: -kv[1])[:n])  # noqa: E731
+        found[cand] = {"wall_us_per_step": wall_us, "kernel_us_per_step": sum(kernels.values()),
+                       "kernels": top(kernels, 10), "host_self_us": top(host, 8)}
     return found
 
 
@@ -369,7 +383,9 @@ def main(argv=None) -> int:
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--smoke", action="store_true", help="tiny sizes; runs on CPU under TRITON_INTERPRET=1")
     parser.add_argument("--iters", type=int, default=None)
-    parser.add_argument("--breakdown", action="store_true", help="per-kernel device times at the first point")
+    parser.add_argument("--breakdown", action="store_true", help="per-kernel device and host times at every point")
+    parser.add_argument("--points", nargs="*", default=None, metavar="SHAPE:T",
+                        help=f"run only these points, e.g. qwen3-30b-a3b:4096 (shapes: {', '.join(DIMS)})")
     parser.add_argument("--budget_s", type=float, default=None,
                         help="start no new timing point after this many seconds (a lent GPU's time is short)")
     parser.add_argument("--out", type=Path, default=None, help="defaults to results/gpu_moe.json (gpu_moe_smoke.json with --smoke)")
@@ -425,6 +441,11 @@ def main(argv=None) -> int:
     report["copy_bandwidth_gbs"] = bandwidth / 1e9
     print(f"dense bf16 matmul: {dense / 1e12:.1f} TFLOP/s, copy bandwidth {bandwidth / 1e9:.0f} GB/s", flush=True)
     points = SMOKE_POINTS if args.smoke else QUICK_POINTS if args.quick else POINTS
+    if args.points:
+        points = [(spec.rsplit(":", 1)[0], int(spec.rsplit(":", 1)[1])) for spec in args.points]
+        unknown = [n for n, _ in points if n not in DIMS]
+        if unknown:
+            parser.error(f"unknown shape(s) {unknown}; known: {list(DIMS)}")
     iters = args.iters or (2 if args.smoke else 10 if args.quick else 25)
     warmup = 1 if args.smoke else 3
     report["points"] = []
@@ -438,15 +459,16 @@ def main(argv=None) -> int:
         point["seconds"] = time.perf_counter() - t_point
         report["points"].append(point)
         report["autotuned"] = tuned_configs(ops)
-        if device.type == "cuda" and args.breakdown and len(report["points"]) == 1:
+        if device.type == "cuda" and args.breakdown:
             try:
-                point["kernel_breakdown_us"] = kernel_breakdown(*DIMS[name], tokens, device)
-                for cand, kernels in point["kernel_breakdown_us"].items():
-                    print(f"{cand} per-kernel device time (us per fwd+bwd):")
-                    for kname, us in kernels.items():
+                point["breakdown"] = kernel_breakdown(*DIMS[name], tokens, device)
+                for cand, b in point["breakdown"].items():
+                    print(f"{cand}: wall {b['wall_us_per_step']:.0f} us/step, kernels {b['kernel_us_per_step']:.0f} us")
+                    for kname, us in b["kernels"].items():
                         print(f"  {us:9.1f}  {kname}")
+                    print("  host (self):", ", ".join(f"{k[:40]} {v:.0f}" for k, v in b["host_self_us"].items()))
             except Exception as exc:  # a profiler problem must not cost the timings
-                point["kernel_breakdown_us"] = {"error": f"{type(exc).__name__}: {exc}"[:300]}
+                point["breakdown"] = {"error": f"{type(exc).__name__}: {exc}"[:300]}
         print(f"\n== {name} T={tokens} ({point['tokens_per_expert']:.0f} tokens/expert), bf16, "
               f"{point['seconds']:.0f} s incl. autotuning")
         print(f"{'impl':<30}{'fwd ms':>9}{'TF/s':>8}{'%dense':>8}{'xHF':>6}{'f+b ms':>10}{'TF/s':>8}{'%dense':>8}{'xHF':>6}{'SOL':>6}")

@@ -60,7 +60,10 @@ else:
     # two accumulators, so its BLOCK_N stops at 128 (a 128 x 256 output tile per program, gate and up together).
     SWIGLU_TILES = [(64, 32, 4, 3), (128, 32, 4, 4), (128, 64, 8, 3), (64, 64, 4, 4), (128, 64, 8, 4)]
     GEMM_TILES = SWIGLU_TILES + [(256, 64, 8, 3)]
-    TN_TILES = [(64, 64, 32, 4, 3), (128, 128, 32, 8, 3), (128, 64, 64, 4, 3), (128, 128, 64, 8, 4), (128, 256, 64, 8, 3)]
+    TN_TILES = [
+        (64, 64, 32, 4, 3), (128, 128, 32, 8, 3), (128, 64, 64, 4, 3), (128, 128, 64, 8, 4), (128, 256, 64, 8, 3),
+        (256, 128, 64, 8, 3), (128, 128, 128, 8, 3),
+    ]
     FIXED_GEMM_TILE = dict(BLOCK_N=64, BLOCK_K=32, num_warps=4, num_stages=3)
     FIXED_TN_TILE = dict(BLOCK_M=64, BLOCK_N=64, BLOCK_R=32, num_warps=4, num_stages=3)
 
