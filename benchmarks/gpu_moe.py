@@ -106,7 +106,7 @@ def check_launchers(device) -> dict:
     groups = group_by_expert(idx, experts)
     rows, tok = groups.num_valid, groups.valid_token
     bm = ops.pick_block_m(rows, experts)
-    layout = (*ops.block_layout(groups.counts_E, groups.offsets_E, bm), bm)
+    layout = (*ops.block_layout(groups.counts_E, groups.offsets_E, bm, rows), bm)
     bounds = list(zip((groups.offsets_E - groups.counts_E).tolist(), groups.offsets_E.tolist()))
 
     def per_expert(a_rows, b_E):
@@ -132,7 +132,7 @@ def check_launchers(device) -> dict:
     dy_S = dy[tok]
     out["grouped_gemm_tn(b_gather)"] = rel_err(dW, torch.stack([a[s:e].t() @ dy_S[s:e] for s, e in bounds]))
     g_SF = torch.randn(rows, inter, device=device)
-    dh, aw, dw = ops.swiglu_backward(g_SF, h_ref.contiguous(), w_S)
+    dh, aw, dw = ops.swiglu_backward(g_SF, h_ref.contiguous(), w_S, groups.offsets_E[-1:])
     gate, up = h_ref[:, :inter], h_ref[:, inter:]
     sig = torch.sigmoid(gate)
     out["swiglu_backward(dh)"] = rel_err(

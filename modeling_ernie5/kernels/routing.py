@@ -13,6 +13,7 @@ computed.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property
 
 import torch
 
@@ -30,15 +31,19 @@ class ExpertGroups:
             Rows per expert.
         offsets_E (`torch.LongTensor` of shape `(E,)`):
             End row of each expert's slice (inclusive cumulative sum of `counts_E`).
-        num_valid (`int`):
-            Number of pairs routed to a real expert (host value).
+
+    `num_valid` (pairs routed to a real expert, a host value) is read from the device on first use: a back-end that
+    sizes its buffers for all T*K pairs (the Triton one) never waits for it.
     """
 
     order_S: torch.Tensor
     token_S: torch.Tensor
     counts_E: torch.Tensor
     offsets_E: torch.Tensor
-    num_valid: int
+
+    @cached_property
+    def num_valid(self) -> int:
+        return int(self.offsets_E[-1]) if self.offsets_E.numel() else 0  # sync point
 
     @property
     def valid_order(self) -> torch.Tensor:
@@ -58,12 +63,9 @@ def group_by_expert(idx_TK: torch.Tensor, num_experts: int) -> ExpertGroups:
     # Stable, so rows of one expert keep token order: results are deterministic and match the reference loop.
     _, order_S = torch.sort(flat_S, stable=True)
     counts_E = torch.bincount(flat_S, minlength=num_experts + 1)[:num_experts]
-    offsets_E = counts_E.cumsum(0)
-    num_valid = int(offsets_E[-1]) if num_experts > 0 else 0  # sync point: buffer sizes are needed on the host
     return ExpertGroups(
         order_S=order_S,
         token_S=torch.div(order_S, max(top_k, 1), rounding_mode="floor"),
         counts_E=counts_E,
-        offsets_E=offsets_E,
-        num_valid=num_valid,
+        offsets_E=counts_E.cumsum(0),
     )

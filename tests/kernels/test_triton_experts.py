@@ -77,3 +77,14 @@ def test_triton_fixed_tiles_without_autotuning(monkeypatch):
     case = make_case(19, 40, 20, 4, 2, dtype=torch.float32, routing="skewed", seed=5, device=DEVICE)
     assert_matches(run_with_grads(triton_experts_forward, *case), run_with_grads(reference_experts_forward, *case),
                    **TOL[torch.float32])  # fmt: skip
+
+
+def test_triton_all_sentinel_slots_give_zeros_without_a_special_case():
+    """Every slot empty (elastic top-k with k = 0 for the whole batch): the normal path, no host sync, yields zero
+    output and zero gradients, like the reference."""
+    x, gate_up, down, idx, w, upstream = make_case(9, 16, 16, 3, 2, dtype=torch.float32, seed=4, device=DEVICE)
+    idx = torch.full_like(idx, 3)
+    got = run_with_grads(triton_experts_forward, x, gate_up, down, idx, w, upstream)
+    want = run_with_grads(reference_experts_forward, x, gate_up, down, idx, w, upstream)
+    assert_matches(got, want, **TOL[torch.float32])
+    assert all(bool((g == 0).all()) for g in got)

@@ -23,14 +23,16 @@ class TritonExpertsFunction(torch.autograd.Function):
         num_tokens, top_k = idx_TK.shape
         num_experts = gate_up_EDF2.shape[0]
         groups = group_by_expert(idx_TK, num_experts)
-        num_rows = groups.num_valid
-        order_S, token_S = groups.valid_order, groups.valid_token
-        pos_TK = torch.full((num_tokens * top_k,), -1, dtype=torch.int64, device=x_TD.device)
+        # Buffers hold all T*K pairs, so nothing waits for the device to say how many are routed: sentinel pairs
+        # sort to the tail, no M-block covers them and their rows are never read.
+        num_rows = num_tokens * top_k
+        order_S, token_S = groups.order_S, groups.token_S
+        pos_TK = torch.empty(num_rows, dtype=torch.int64, device=x_TD.device)
         pos_TK[order_S] = torch.arange(num_rows, device=x_TD.device)
-        pos_TK = pos_TK.view(num_tokens, top_k)
+        pos_TK = pos_TK.view(num_tokens, top_k).masked_fill(idx_TK >= num_experts, -1)
         w_S = w_TK.reshape(-1).index_select(0, order_S).to(x_TD.dtype).contiguous()
         block_m = ops.pick_block_m(num_rows, num_experts)
-        layout = (*ops.block_layout(groups.counts_E, groups.offsets_E, block_m), block_m)
+        layout = (*ops.block_layout(groups.counts_E, groups.offsets_E, block_m, num_rows), block_m)
         a_SF, h_SF2 = ops.grouped_gemm(
             x_TD, gate_up_EDF2, layout, num_rows, gather=token_S, swiglu=True, w_S=w_S, store_h=store_h
         )
@@ -53,7 +55,7 @@ class TritonExpertsFunction(torch.autograd.Function):
         need_x, need_gu, need_down, _, need_w = ctx.needs_input_grad[:5]
         dout_TD = dout_TD.contiguous().to(x_TD.dtype)  # also densifies broadcast gradients from `.sum()`
         g_SF, _ = ops.grouped_gemm(dout_TD, down_EFD.transpose(1, 2), layout, num_rows, gather=token_S)
-        dh_SF2, aw_SF, dw_S = ops.swiglu_backward(g_SF, h_SF2, w_S)
+        dh_SF2, aw_SF, dw_S = ops.swiglu_backward(g_SF, h_SF2, w_S, offsets_E[-1:])
         del g_SF
         d_down = ops.grouped_gemm_tn(aw_SF, dout_TD, counts_E, offsets_E, down_EFD.dtype, b_gather=token_S) if need_down else None
         del aw_SF
@@ -68,9 +70,9 @@ class TritonExpertsFunction(torch.autograd.Function):
             dx_TD = ops.unpermute_sum(dx_SD, pos_TK, x_TD.dtype)
         dw_TK = None
         if need_w:
-            dw_TK = torch.zeros(w_TK.numel(), dtype=w_TK.dtype, device=w_TK.device)
+            dw_TK = torch.empty(w_TK.numel(), dtype=w_TK.dtype, device=w_TK.device)
             dw_TK[order_S] = dw_S.to(w_TK.dtype)
-            dw_TK = dw_TK.view_as(w_TK)
+            dw_TK = dw_TK.view_as(w_TK).masked_fill(pos_TK < 0, 0)  # sentinel slots: rows the kernel skipped
         # One slot per forward input: x, gate_up, down, idx (integer), w, store_h (flag).
         return dx_TD, d_gate_up, d_down, None, dw_TK, None
 
@@ -79,8 +81,9 @@ def triton_experts_forward(x_TD, gate_up_EDF2, down_EFD, idx_TK, w_TK):
     needs_grad = torch.is_grad_enabled() and any(
         t.requires_grad for t in (x_TD, gate_up_EDF2, down_EFD, w_TK)
     )
-    if x_TD.shape[0] == 0 or not bool((idx_TK < gate_up_EDF2.shape[0]).any()):
-        # Nothing routed to a real expert: a zero output that still connects every input to the graph.
+    if x_TD.shape[0] == 0 or gate_up_EDF2.shape[0] == 0:
+        # No tokens or no experts (known on the host): a zero output that still connects every input to the graph.
+        # Batches whose slots are all sentinels take the normal path, which yields zeros without a host sync.
         return x_TD.new_zeros(x_TD.shape) + 0 * (x_TD.sum() + gate_up_EDF2.sum() + down_EFD.sum() + w_TK.sum())
     return TritonExpertsFunction.apply(
         x_TD.contiguous(), gate_up_EDF2, down_EFD, idx_TK, w_TK, needs_grad

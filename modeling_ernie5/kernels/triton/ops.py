@@ -96,9 +96,11 @@ def _grouped_gemm_kernel(
     tiles_n = tl.cdiv(N, BLOCK_N)
     pid_m = tl.program_id(0) // tiles_n
     pid_n = tl.program_id(0) % tiles_n
-    expert = tl.load(block_expert_ptr + pid_m).to(tl.int64)
     row0 = tl.load(block_row_ptr + pid_m)
     row_end = tl.load(block_end_ptr + pid_m)
+    if row0 >= row_end:  # a spare block: the grid is sized before the device knows how many blocks there are
+        return
+    expert = tl.load(block_expert_ptr + pid_m).to(tl.int64)
     rows = row0 + tl.arange(0, BLOCK_M)
     row_mask = rows < row_end
     if GATHER:
@@ -146,18 +148,27 @@ _grouped_gemm_tuned = triton.autotune(configs=_gemm_configs(GEMM_TILES), key=_GE
 _grouped_gemm_swiglu_tuned = triton.autotune(configs=_gemm_configs(SWIGLU_TILES), key=_GEMM_KEY)(_grouped_gemm_kernel)
 
 
-def block_layout(counts_E: torch.Tensor, offsets_E: torch.Tensor, block_m: int):
-    """M-block metadata: for every block of at most `block_m` rows inside one expert's run, its expert, first row
-    and the end of that expert's run. Empty experts get no block."""
+def max_blocks(num_rows: int, num_experts: int, block_m: int) -> int:
+    """Upper bound on the M-blocks of `num_rows` rows over `num_experts` runs (each run adds at most one partial
+    block, and every block holds a row): the grid size, known on the host without reading the routing."""
+    return min(triton.cdiv(num_rows, block_m) + num_experts, num_rows)
+
+
+def block_layout(counts_E: torch.Tensor, offsets_E: torch.Tensor, block_m: int, num_rows: int):
+    """M-block metadata, computed on the device without a host sync: for every block of at most `block_m` rows
+    inside one expert's run, its expert, first row and the end of that expert's run. Empty experts get no block.
+    There are `max_blocks(num_rows, E, block_m)` entries (`num_rows` bounds the routed rows); the spare ones at the
+    end have first row == end, and the kernels return at once for them."""
+    num_experts = counts_E.shape[0]
     blocks_E = torch.div(counts_E + block_m - 1, block_m, rounding_mode="floor")
-    num_blocks = int(blocks_E.sum())  # sync point: the grid size is needed on the host
-    experts = torch.arange(counts_E.shape[0], device=counts_E.device)
-    block_expert = torch.repeat_interleave(experts, blocks_E, output_size=num_blocks)
-    first_block_E = blocks_E.cumsum(0) - blocks_E
-    local = torch.arange(num_blocks, device=counts_E.device) - first_block_E[block_expert]
-    starts_E = offsets_E - counts_E
-    block_row = starts_E[block_expert] + local * block_m
+    last_block_E = blocks_E.cumsum(0)  # one past each expert's last block
+    block = torch.arange(max_blocks(num_rows, num_experts, block_m), device=counts_E.device)
+    owner = torch.searchsorted(last_block_E, block, right=True)  # == num_experts for spare blocks
+    block_expert = owner.clamp(max=num_experts - 1)
+    local = block - (last_block_E - blocks_E)[block_expert]
     block_end = offsets_E[block_expert]
+    block_row = torch.where(owner < num_experts, offsets_E[block_expert] - counts_E[block_expert] + local * block_m,
+                            block_end)  # fmt: skip
     return block_expert.to(torch.int32), block_row.to(torch.int32), block_end.to(torch.int32)
 
 
@@ -301,11 +312,14 @@ def grouped_gemm_tn(
 
 @triton.jit
 def _swiglu_backward_kernel(
-    g_ptr, h_ptr, w_ptr, dh_ptr, aw_ptr, dw_ptr,
-    num_rows, F,
+    g_ptr, h_ptr, w_ptr, dh_ptr, aw_ptr, dw_ptr, num_valid_ptr,
+    F,
     stride_g, stride_h, stride_dh, stride_aw,
     ACC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_F: tl.constexpr,
 ):
+    num_rows = tl.load(num_valid_ptr)  # rows past the routed ones (sentinel slots) hold no data: skip them
+    if tl.program_id(0) * BLOCK_M >= num_rows:
+        return
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     r_mask = rows < num_rows
     rows64 = rows.to(tl.int64)
@@ -329,10 +343,11 @@ def _swiglu_backward_kernel(
     tl.store(dw_ptr + rows, dw.to(dw_ptr.dtype.element_ty), mask=r_mask)
 
 
-def swiglu_backward(g_SF: torch.Tensor, h_SF2: torch.Tensor, w_S: torch.Tensor):
+def swiglu_backward(g_SF: torch.Tensor, h_SF2: torch.Tensor, w_S: torch.Tensor, num_valid: torch.Tensor):
     """From g = dY_s Wd^T (unweighted) and the pre-activation h = [gate | up]: returns
     `(dh_SF2, aw_SF, dw_S)` with dh the gradient of h (combine weight applied), aw = w * silu(gate) * up (the left
-    operand of dWd) and dw the combine-weight gradient <g, silu(gate) * up> (in the accumulation dtype)."""
+    operand of dWd) and dw the combine-weight gradient <g, silu(gate) * up> (in the accumulation dtype).
+    Only the first `num_valid` rows (a one-element device tensor) are computed; later rows are left unwritten."""
     num_rows, inter = g_SF.shape
     dh = torch.empty_like(h_SF2)
     aw = torch.empty_like(g_SF)
@@ -342,7 +357,7 @@ def swiglu_backward(g_SF: torch.Tensor, h_SF2: torch.Tensor, w_S: torch.Tensor):
         return dh, aw, dw
     block_m, block_f = (32, 32) if INTERPRETED else (32, 128)
     _swiglu_backward_kernel[(triton.cdiv(num_rows, block_m),)](
-        g_SF, h_SF2, w_S, dh, aw, dw, num_rows, inter,
+        g_SF, h_SF2, w_S, dh, aw, dw, num_valid, inter,
         g_SF.stride(0), h_SF2.stride(0), dh.stride(0), aw.stride(0),
         ACC=_acc_dtype(g_SF.dtype), BLOCK_M=block_m, BLOCK_F=block_f,
     )
