@@ -369,6 +369,39 @@ def kernel_breakdown(hidden, inter, experts, top_k, tokens, device, iters=5) -> 
     return found
 
 
+def plot(report: dict, path: Path) -> None:
+    """TFLOP/s against tokens, one panel per shape and pass, with the measured dense rate and 60% of it."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    shapes = list(dict.fromkeys(p["shape"] for p in report["points"]))
+    fig, axes = plt.subplots(2, len(shapes), figsize=(5 * len(shapes), 7.5), squeeze=False)
+    dense = report["dense_bf16_tflops"]
+    for col, shape in enumerate(shapes):
+        pts = sorted((p for p in report["points"] if p["shape"] == shape), key=lambda p: p["tokens"])
+        names = list(dict.fromkeys(n for p in pts for n in p["results"]))
+        for row, (key, label) in enumerate((("fwd_tflops", "forward"), ("fwd_bwd_tflops", "forward+backward"))):
+            ax = axes[row][col]
+            for name in names:
+                xy = [(p["tokens"], p["results"][name][key]) for p in pts if key in p["results"].get(name, {})]
+                if xy:
+                    ax.plot(*zip(*xy), "-o", label=name, lw=2.5 if name == "ernie5:triton" else 1.2)
+            ax.axhline(dense, ls="--", c="gray", lw=1, label=f"dense bf16 matmul {dense:.0f}")
+            ax.axhline(0.6 * dense, ls=":", c="gray", lw=1, label="60% of dense")
+            ax.set_xscale("log", base=2)
+            ax.set_xlabel("tokens T")
+            ax.set_ylabel("TFLOP/s (active expert FLOPs)")
+            ax.set_title(f"{shape}, {label}", fontsize=10)
+            ax.grid(alpha=0.3)
+            ax.legend(fontsize=6)
+    fig.suptitle(f"{report['device']}, bf16, torch {report['versions']['torch']}, triton {report['versions']['triton']}")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
 def tuned_configs(ops) -> dict:
     """The tile the autotuner picked for each key it has seen (empty when autotuning was off)."""
     found = {}
@@ -388,8 +421,14 @@ def main(argv=None) -> int:
                         help=f"run only these points, e.g. qwen3-30b-a3b:4096 (shapes: {', '.join(DIMS)})")
     parser.add_argument("--budget_s", type=float, default=None,
                         help="start no new timing point after this many seconds (a lent GPU's time is short)")
+    parser.add_argument("--replot", type=Path, default=None, metavar="JSON",
+                        help="only draw the plot of a saved report (next to it, .png), e.g. one fetched from a GPU box")
     parser.add_argument("--out", type=Path, default=None, help="defaults to results/gpu_moe.json (gpu_moe_smoke.json with --smoke)")
     args = parser.parse_args(argv)
+    if args.replot is not None:
+        plot(json.loads(args.replot.read_text()), args.replot.with_suffix(".png"))
+        print(f"wrote {args.replot.with_suffix('.png')}")
+        return 0
     if args.out is None:  # a CPU smoke run must never pass for (or overwrite) a real GPU result
         args.out = RESULTS / ("gpu_moe_smoke.json" if args.smoke else "gpu_moe.json")
     if torch.cuda.is_available():
@@ -488,6 +527,11 @@ def main(argv=None) -> int:
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=1))
     print(f"\nwrote {args.out} after {report['total_s']:.0f} s")
+    if report["points"]:
+        try:
+            plot(report, args.out.with_suffix(".png"))
+        except ImportError:
+            print("matplotlib is not installed: no plot (draw it later with --replot)")
     return 1 if failures else 0
 
 

@@ -61,11 +61,14 @@ def group_by_expert(idx_TK: torch.Tensor, num_experts: int) -> ExpertGroups:
     top_k = idx_TK.shape[1]
     flat_S = idx_TK.reshape(-1).clamp(max=num_experts)
     # Stable, so rows of one expert keep token order: results are deterministic and match the reference loop.
-    _, order_S = torch.sort(flat_S, stable=True)
-    counts_E = torch.bincount(flat_S, minlength=num_experts + 1)[:num_experts]
+    sorted_S, order_S = torch.sort(flat_S, stable=True)
+    # End row of each expert = pairs with expert id <= e, read off the sorted ids (`bincount` would size its output
+    # from the largest id, a host sync on CUDA).
+    experts = torch.arange(num_experts, device=idx_TK.device, dtype=sorted_S.dtype)
+    offsets_E = torch.searchsorted(sorted_S, experts, right=True)
     return ExpertGroups(
         order_S=order_S,
         token_S=torch.div(order_S, max(top_k, 1), rounding_mode="floor"),
-        counts_E=counts_E,
-        offsets_E=counts_E.cumsum(0),
+        counts_E=torch.diff(offsets_E, prepend=offsets_E.new_zeros(1)),
+        offsets_E=offsets_E,
     )
