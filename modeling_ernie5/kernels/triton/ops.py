@@ -167,8 +167,7 @@ def block_layout(counts_E: torch.Tensor, offsets_E: torch.Tensor, block_m: int, 
     block_expert = owner.clamp(max=num_experts - 1)
     local = block - (last_block_E - blocks_E)[block_expert]
     block_end = offsets_E[block_expert]
-    block_row = torch.where(owner < num_experts, offsets_E[block_expert] - counts_E[block_expert] + local * block_m,
-                            block_end)  # fmt: skip
+    block_row = torch.where(owner < num_experts, block_end - counts_E[block_expert] + local * block_m, block_end)
     return block_expert.to(torch.int32), block_row.to(torch.int32), block_end.to(torch.int32)
 
 
