@@ -611,6 +611,9 @@ class Ernie5ForCausalLM(Ernie5PreTrainedModel, GenerationMixin):
             need_explicit=self.config._attn_implementation not in ("sdpa", "eager", None),
         )  # fmt: skip
         hidden = outputs.pre_norm_hidden_state
+        # A caller that shifted the labels itself (context parallelism) passes `shift_labels`, where position t holds
+        # token t+1's label; depth d needs token t+d+1's, so that tensor is shifted d further for each depth.
+        shift_labels = kwargs.pop("shift_labels", None)
         losses = []
         for depth, module in enumerate(self.mtp, start=1):
             if seq <= depth + 1:
@@ -620,6 +623,8 @@ class Ernie5ForCausalLM(Ernie5PreTrainedModel, GenerationMixin):
             count_load = elastic_spec is None or elastic_spec.is_full
             hidden, normed, _ = module(hidden, self.model.embed_tokens(shifted_ids), mask, cos, sin, count_load)
             target = F.pad(labels[:, depth:], (0, depth), value=-100)
+            if shift_labels is not None:
+                kwargs["shift_labels"] = F.pad(shift_labels[:, depth:], (0, depth), value=-100)
             losses.append(self._logits_and_loss(normed, target, **kwargs)[1])
         if not losses:
             return torch.zeros((), device=input_ids.device)

@@ -10,6 +10,7 @@ import textwrap
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from modeling_ernie5 import Ernie5Config, Ernie5ForCausalLM, Ernie5Model
 from modeling_ernie5.moe import Ernie5SparseMoeBlock, reference_experts_forward
@@ -322,6 +323,20 @@ def test_unknown_experts_backend_raises_with_choices():
 
 
 # ---------------------------------------------------------------------------------------------- losses
+
+
+@pytest.mark.parametrize("fused", [False, True], ids=["logits", "fused_loss"])
+def test_mtp_depths_read_caller_shifted_labels_at_their_own_offset(fused):
+    """`shift_labels` (labels the caller already shifted, as context parallelism does) gives the same losses as
+    `labels`, for the next-token loss and for every MTP depth (each depth shifts them further itself)."""
+    model = tiny_model(num_nextn_predict_layers=2, fused_linear_cross_entropy=fused).train()
+    x = ids(2, 12)
+    labels = x.masked_fill(torch.rand(x.shape, generator=torch.Generator().manual_seed(3)) < 0.2, -100)
+    with torch.no_grad():  # no grad: the training-mode forward then leaves the balancing biases alone
+        plain = model(x, labels=labels)
+        shifted = model(x, labels=labels, shift_labels=F.pad(labels[:, 1:], (0, 1), value=-100))
+    torch.testing.assert_close(shifted.lm_loss, plain.lm_loss)
+    torch.testing.assert_close(shifted.mtp_loss, plain.mtp_loss)
 
 
 def test_mtp_loss_is_present_weighted_and_ignored_at_inference():
