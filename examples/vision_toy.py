@@ -347,22 +347,20 @@ def main(argv=None) -> dict:
 
 def load_tokenizer(path: str, image_size: int, output_dir: str):
     """A saved visual tokenizer and its held-out PSNR on the toy scenes the training script evaluates on."""
-    from modeling_ernie5.visual_tokenizer import Ernie5VisualTokenizer, psnr
+    from modeling_ernie5.visual_tokenizer import Ernie5VisualTokenizer
     from training.train_visual_tokenizer import (
-        VisualTokenizerTrainingArguments, save_reconstruction_grid, toy_batch,
+        VisualTokenizerTrainingArguments, held_out_psnr, held_out_toy_images, save_reconstruction_grid,
     )  # fmt: skip
 
-    tokenizer = Ernie5VisualTokenizer.from_pretrained(path).eval()
+    tokenizer = Ernie5VisualTokenizer.from_pretrained(path)
     if tokenizer.config.image_size != image_size:
         raise ValueError(
             f"the visual tokenizer in {path} takes {tokenizer.config.image_size}-pixel images, not --image_size {image_size}"
         )
-    n = VisualTokenizerTrainingArguments.eval_images
-    eval_x = toy_batch(list(range(10_000_000, 10_000_000 + n)), image_size)
-    with torch.no_grad():
-        recon = tokenizer.decode(tokenizer.encode(eval_x))
+    eval_x = held_out_toy_images(VisualTokenizerTrainingArguments.eval_images, image_size)
+    recon, psnr_db = held_out_psnr(tokenizer, eval_x)
     save_reconstruction_grid(eval_x[:8], recon[:8], os.path.join(output_dir, "tokenizer_recon.png"))
-    return tokenizer, {"psnr_db": psnr(eval_x, recon), "loaded_from": path}
+    return tokenizer, {"psnr_db": psnr_db, "loaded_from": path}
 
 
 def match_rates(images, prompts) -> dict:

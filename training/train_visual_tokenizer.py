@@ -126,6 +126,24 @@ class SemanticTeacher(nn.Module):
         return 1 - F.cosine_similarity(pred, target.permute(0, 2, 3, 1), dim=-1).mean()
 
 
+# Training scenes are drawn from seeds below this; the held-out evaluation scenes start here.
+HELD_OUT_SEED = 10_000_000
+
+
+def held_out_psnr(model, eval_x: torch.Tensor) -> tuple[torch.Tensor, float]:
+    """`(reconstruction, PSNR in dB)` of a tokenizer on held-out images (the model is put in eval mode)."""
+    from modeling_ernie5.visual_tokenizer import psnr
+
+    model.eval()
+    with torch.no_grad():
+        recon = model.decode(model.encode(eval_x))
+    return recon, psnr(eval_x, recon)
+
+
+def held_out_toy_images(n: int, image_size: int) -> torch.Tensor:
+    return toy_batch(list(range(HELD_OUT_SEED, HELD_OUT_SEED + n)), image_size)
+
+
 def toy_batch(seeds: list[int], image_size: int) -> torch.Tensor:
     """Toy-world scenes (1-4 shapes) as pixels in [-1, 1]."""
     import numpy as np
@@ -160,7 +178,7 @@ def train(args: VisualTokenizerTrainingArguments, progress: bool = True):
     from tqdm.auto import tqdm
 
     from modeling_ernie5.configuration_ernie5_vision import Ernie5VisualTokenizerConfig
-    from modeling_ernie5.visual_tokenizer import Ernie5VisualTokenizer, psnr
+    from modeling_ernie5.visual_tokenizer import Ernie5VisualTokenizer
 
     torch.manual_seed(args.seed)
     rng = random.Random(args.seed)
@@ -190,7 +208,7 @@ def train(args: VisualTokenizerTrainingArguments, progress: bool = True):
         n_eval = min(args.eval_images, max(1, len(pool) // 10))
         eval_x, pool = pool[-n_eval:], pool[:-n_eval] if len(pool) > n_eval else pool
     else:
-        eval_x = toy_batch(list(range(10_000_000, 10_000_000 + args.eval_images)), args.image_size)
+        eval_x = held_out_toy_images(args.eval_images, args.image_size)
 
     history = []
     bar = tqdm(range(args.max_steps), desc="visual tokenizer", disable=not progress)
@@ -199,7 +217,7 @@ def train(args: VisualTokenizerTrainingArguments, progress: bool = True):
         if pool is not None:
             x = pool[torch.randint(len(pool), (args.batch_size,))]
         else:
-            x = toy_batch([rng.randrange(10_000_000) for _ in range(args.batch_size)], args.image_size)
+            x = toy_batch([rng.randrange(HELD_OUT_SEED) for _ in range(args.batch_size)], args.image_size)
         out = model(x)
         loss = out.loss
         semantic_loss = semantic.loss(x, out.features) if semantic is not None else None
@@ -225,10 +243,8 @@ def train(args: VisualTokenizerTrainingArguments, progress: bool = True):
             history.append(record)
             bar.set_postfix(loss=f"{out.loss.item():.4f}")
 
-    model.eval()
-    with torch.no_grad():
-        recon = model.decode(model.encode(eval_x))
-    metrics = {"psnr_db": psnr(eval_x, recon), "eval_images": len(eval_x), "steps": args.max_steps, "history": history}
+    recon, psnr_db = held_out_psnr(model, eval_x)
+    metrics = {"psnr_db": psnr_db, "eval_images": len(eval_x), "steps": args.max_steps, "history": history}
     os.makedirs(args.output_dir, exist_ok=True)
     model.save_pretrained(args.output_dir)
     with open(os.path.join(args.output_dir, "metrics.json"), "w") as f:

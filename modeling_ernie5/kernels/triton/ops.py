@@ -72,10 +72,10 @@ def _gemm_configs(tiles):
     return [triton.Config({"BLOCK_N": bn, "BLOCK_K": bk}, num_warps=w, num_stages=s) for bn, bk, w, s in tiles]
 
 
-def _tn_configs():
+def _tn_configs(tiles):
     return [
         triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_R": br}, num_warps=w, num_stages=s)
-        for bm, bn, br, w, s in TN_TILES
+        for bm, bn, br, w, s in tiles
     ]
 
 
@@ -271,7 +271,7 @@ def _grouped_gemm_tn_kernel(
     tl.store(c_ptr + c_offs, acc.to(c_ptr.dtype.element_ty), mask=m_mask[:, None] & n_mask[None, :])
 
 
-_grouped_gemm_tn_tuned = triton.autotune(configs=_tn_configs(), key=["M", "N"])(_grouped_gemm_tn_kernel)
+_grouped_gemm_tn_tuned = triton.autotune(configs=_tn_configs(TN_TILES), key=["M", "N"])(_grouped_gemm_tn_kernel)
 
 
 def grouped_gemm_tn(
