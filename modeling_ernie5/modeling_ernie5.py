@@ -105,8 +105,10 @@ class Ernie5Attention(nn.Module):
         if cache is not None:
             k, v = cache.update(k, v, self.layer_idx)
         attention_interface: Callable = eager_attention_forward
-        if self.config._attn_implementation not in (None, "eager"):
-            attention_interface = ALL_ATTENTION_FUNCTIONS[self.config._attn_implementation]
+        if self.config._attn_implementation is not None:  # None: a standalone module, not built by a model
+            attention_interface = ALL_ATTENTION_FUNCTIONS.get_interface(
+                self.config._attn_implementation, eager_attention_forward
+            )
         out, weights = attention_interface(
             self,
             q,

@@ -103,6 +103,34 @@ def test_sdpa_and_eager_agree_with_padding():
     torch.testing.assert_close(outs["eager"][1, 3:], outs["sdpa"][1, 3:], atol=1e-5, rtol=1e-4)
 
 
+def test_attention_implementation_can_be_switched_on_a_built_model():
+    # transformers allows `set_attn_implementation` only for modules that dispatch through
+    # `ALL_ATTENTION_FUNCTIONS.get_interface(`; a registered custom kernel must then actually be called.
+    from transformers import AttentionInterface
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    calls = []
+
+    def counting_sdpa(module, *args, **kwargs):
+        calls.append(module.layer_idx)
+        return sdpa_attention_forward(module, *args, **kwargs)
+
+    AttentionInterface.register("ernie5_test_counting_sdpa", counting_sdpa)
+    model = tiny_model(attn_implementation="sdpa")
+    x = ids(2, 9)
+    with torch.no_grad():
+        want = model(x).logits
+        model.set_attn_implementation("ernie5_test_counting_sdpa")
+        assert model.config._attn_implementation == "ernie5_test_counting_sdpa"
+        got = model(x).logits
+        assert calls == list(range(model.config.num_hidden_layers))
+        model.set_attn_implementation("eager")
+        eager = model(x).logits
+    assert len(calls) == model.config.num_hidden_layers
+    torch.testing.assert_close(got, want)
+    torch.testing.assert_close(eager, want, atol=1e-5, rtol=1e-4)
+
+
 def test_text_position_ids_2d_and_3d_are_equivalent():
     model = tiny_model()
     x = ids(2, 8)
