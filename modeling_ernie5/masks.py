@@ -1,8 +1,10 @@
 """Attention-mask rules of ERNIE 5.0 (§2.2.3, §5.3), built in one place.
 
-Text and audio attend causally. All masks are returned as additive float tensors of shape (B, 1, Q, K) with
+Text and audio attend causally. The rules are built as additive float tensors of shape (B, 1, Q, K) with
 0 where attention is allowed and the dtype's minimum elsewhere (not -inf: a fully masked row, such as a left
-pad query, then yields a uniform distribution instead of NaNs).
+pad query, then yields a uniform distribution instead of NaNs). `mask_for_attention` hands each attention kernel
+the form it takes: that tensor (eager, SDPA and registered custom kernels), a `BlockMask` (flex attention) or the
+2D padding mask (flash attention, which applies causality itself).
 """
 
 from __future__ import annotations
@@ -54,6 +56,72 @@ def build_attention_mask(
     return to_additive(allowed, dtype)
 
 
+def _allowed_from_4d(mask_B1QK: torch.Tensor) -> torch.Tensor:
+    """(B, 1, Q, K) boolean or additive mask -> (B, Q, K) boolean 'may attend'."""
+    if mask_B1QK.dtype == torch.bool:
+        return mask_B1QK[:, 0]
+    blocked = mask_B1QK <= torch.finfo(mask_B1QK.dtype).min / 2
+    if not bool(((mask_B1QK == 0) | blocked).all()):
+        raise ValueError("flex_attention takes 4D masks of 0 (attend) and the dtype's minimum (blocked) only, not biases")
+    return ~blocked[:, 0]
+
+
+def to_block_mask(allowed_BQK: torch.Tensor):
+    """Boolean (B, Q, K) 'may attend' mask -> flex attention's `BlockMask` (one pattern for all heads).
+
+    Flex attention could also add the float mask through a `score_mod` that reads it, but in torch 2.13 the
+    compiled CPU kernel corrupts the heap when a score_mod indexes a captured tensor; a `mask_mod` is also the
+    form that lets flex skip fully masked blocks."""
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    allowed_BQK = allowed_BQK.contiguous()
+
+    def may_attend(b, h, q, k):
+        return allowed_BQK[b, q, k]
+
+    batch, q_len, k_len = allowed_BQK.shape
+    return create_block_mask(may_attend, batch, None, q_len, k_len, device=allowed_BQK.device)
+
+
+def mask_for_attention(
+    implementation: str | None,
+    attention_mask: torch.Tensor | None,
+    batch: int,
+    q_len: int,
+    past_len: int,
+    dtype: torch.dtype,
+    device,
+):
+    """The attention mask in the form the kernel `implementation` (`config._attn_implementation`) takes.
+
+    - flash attention (any implementation named "*flash*"): the (B, past+Q) padding mask, or None without padding;
+      the kernel applies causality itself. It cannot express a 4D mask (the scale-wise block-causal mask of image
+      generation), so one raises a ValueError naming the alternatives.
+    - `"flex_attention"`: a `BlockMask` of the same rule as the additive mask.
+    - anything else (eager, SDPA, custom kernels): `build_attention_mask`'s additive mask, or None where plain
+      causal attention suffices and the kernel is known to apply it itself (eager and SDPA).
+    """
+    if implementation is not None and "flash" in implementation:
+        if attention_mask is not None and attention_mask.dim() == 4:
+            raise ValueError(
+                f"attn_implementation={implementation!r} cannot apply a 4D attention mask (such as the scale-wise "
+                "block-causal mask of image tokens); use 'sdpa', 'eager' or 'flex_attention' for these inputs"
+            )
+        if attention_mask is None or bool(attention_mask.all()):
+            return None
+        return attention_mask[:, -(past_len + q_len) :]
+    if implementation == "flex_attention":
+        if attention_mask is not None and attention_mask.dim() == 4:
+            return to_block_mask(_allowed_from_4d(attention_mask))
+        allowed = causal_allowed(batch, q_len, past_len, device)
+        if attention_mask is not None:
+            allowed = allowed & attention_mask[:, -(past_len + q_len) :].to(torch.bool)[:, None, :]
+        return to_block_mask(allowed)
+    return build_attention_mask(
+        attention_mask, batch, q_len, past_len, dtype, device, need_explicit=implementation not in ("sdpa", "eager", None)
+    )
+
+
 def build_block_causal_mask(
     block_ids: torch.Tensor, attention_mask: torch.Tensor | None, dtype: torch.dtype
 ) -> torch.Tensor:
@@ -70,4 +138,11 @@ def build_block_causal_mask(
     return to_additive(allowed, dtype)
 
 
-__all__ = ["build_attention_mask", "build_block_causal_mask", "causal_allowed", "to_additive"]
+__all__ = [
+    "build_attention_mask",
+    "build_block_causal_mask",
+    "causal_allowed",
+    "mask_for_attention",
+    "to_additive",
+    "to_block_mask",
+]

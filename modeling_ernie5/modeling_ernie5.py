@@ -23,11 +23,13 @@ from transformers.cache_utils import Cache, DynamicCache
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import MoeCausalLMOutputWithPast, MoeModelOutputWithPast
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+from transformers.utils.generic import can_return_tuple
+from transformers.utils.output_capturing import OutputRecorder, capture_outputs
 
 from .configuration_ernie5 import Ernie5Config
 from .elastic import ElasticSpec
 from .linear_cross_entropy import linear_cross_entropy
-from .masks import build_attention_mask
+from .masks import mask_for_attention
 from .multimodal_layout import image_positions_and_mask
 from .moe import Ernie5Experts, Ernie5ExpertsSwitchMixin, Ernie5MLP, Ernie5SparseMoeBlock, Ernie5TopKRouter
 from .rope import Ernie5UniRotaryEmbedding, apply_rotary_pos_emb
@@ -184,6 +186,8 @@ class Ernie5PreTrainedModel(Ernie5ExpertsSwitchMixin, PreTrainedModel):
     # Routing is precision-sensitive: the router weight and its balancing bias stay fp32 whatever the model dtype.
     _keep_in_fp32_modules_strict = ["mlp.gate.weight", "e_score_correction_bias"]
     _keys_to_ignore_on_load_unexpected = [r"mlp\.gate\.expert_load"]
+    # `output_hidden_states` / `output_attentions` are collected by transformers' forward hooks on these modules.
+    _can_record_outputs = {"hidden_states": Ernie5DecoderLayer, "attentions": OutputRecorder(Ernie5Attention, index=1)}
 
     def update_router_biases(self) -> None:
         """Apply the pending balancing step of every router (backbone and MTP). Training forwards do this on their
@@ -305,6 +309,7 @@ class Ernie5Model(Ernie5PreTrainedModel):
     def routers(self) -> list[Ernie5TopKRouter]:
         return [layer.mlp.gate for layer in self.layers if layer.is_moe]
 
+    @capture_outputs
     def forward(
         self,
         input_ids: torch.LongTensor | None = None,
@@ -374,15 +379,10 @@ class Ernie5Model(Ernie5PreTrainedModel):
                 f"position_ids must have shape (batch, seq) or (3, batch, seq) = (3, {batch}, {q_len}), "
                 f"got {tuple(position_ids.shape)}"
             )
-        mask = build_attention_mask(
-            attention_mask,
-            batch,
-            q_len,
-            past_len,
-            inputs_embeds.dtype,
+        mask = mask_for_attention(
+            self.config._attn_implementation, attention_mask, batch, q_len, past_len, inputs_embeds.dtype,
             inputs_embeds.device,
-            need_explicit=self.config._attn_implementation not in ("sdpa", "eager", None),
-        )
+        )  # fmt: skip
         cos, sin = self.rotary_emb(inputs_embeds, position_ids)
 
         hidden = inputs_embeds
@@ -492,6 +492,7 @@ class Ernie5ForCausalLM(Ernie5PreTrainedModel, GenerationMixin):
     def set_output_embeddings(self, new_embeddings):
         self.lm_head = new_embeddings
 
+    @can_return_tuple
     def forward(
         self,
         input_ids: torch.LongTensor | None = None,
@@ -582,6 +583,8 @@ class Ernie5ForCausalLM(Ernie5PreTrainedModel, GenerationMixin):
             mtp_loss=mtp_loss,
             z_loss=z_loss,
             routing_indices=outputs.routing_indices if output_routing_indices else None,
+            hidden_states=outputs.hidden_states,
+            attentions=outputs.attentions,
         )
         result[CACHE_FIELD] = outputs[CACHE_FIELD]
         return result
@@ -608,10 +611,9 @@ class Ernie5ForCausalLM(Ernie5PreTrainedModel, GenerationMixin):
         if pos.dim() == 2:
             pos = pos.unsqueeze(0).expand(3, -1, -1)
         cos, sin = self.model.rotary_emb(outputs.pre_norm_hidden_state, pos)
-        mask = build_attention_mask(
-            attention_mask, batch, seq, 0, cos.dtype, input_ids.device,
-            need_explicit=self.config._attn_implementation not in ("sdpa", "eager", None),
-        )  # fmt: skip
+        mask = mask_for_attention(
+            self.config._attn_implementation, attention_mask, batch, seq, 0, cos.dtype, input_ids.device
+        )
         hidden = outputs.pre_norm_hidden_state
         # A caller that shifted the labels itself (context parallelism) passes `shift_labels`, where position t holds
         # token t+1's label; depth d needs token t+d+1's, so that tensor is shifted d further for each depth.

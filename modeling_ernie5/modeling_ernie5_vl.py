@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import AutoConfig
 from transformers.cache_utils import DynamicCache
+from transformers.utils.generic import can_return_tuple
 
 from .configuration_ernie5 import Ernie5Config
 from .elastic import ElasticSpec
@@ -153,6 +154,7 @@ class Ernie5ForConditionalGeneration(Ernie5ForCausalLM):
 
     # --- forward -------------------------------------------------------------------------------------------------
 
+    @can_return_tuple
     def forward(
         self,
         input_ids: torch.LongTensor | None = None,
@@ -220,11 +222,14 @@ class Ernie5ForConditionalGeneration(Ernie5ForCausalLM):
             routing_indices=routing_indices,
             output_routing_indices=output_routing_indices or output_router_logits or want_aux,
             **mm_inputs,
+            **{k: kwargs.pop(k) for k in ("output_hidden_states", "output_attentions") if k in kwargs},
         )
         hidden = outputs.last_hidden_state
         logits, lm_loss = self._logits_and_loss(hidden, labels, logits_to_keep, **kwargs)
 
-        result = Ernie5ConditionalGenerationOutput(logits=logits, rope_deltas=self.rope_deltas)
+        result = Ernie5ConditionalGenerationOutput(
+            logits=logits, rope_deltas=self.rope_deltas, hidden_states=outputs.hidden_states, attentions=outputs.attentions
+        )
         result[CACHE_FIELD] = outputs[CACHE_FIELD]
         if labels is not None:
             result.lm_loss = lm_loss

@@ -209,6 +209,11 @@ def test_understanding_goes_through_the_backbone(model):
     assert not torch.allclose(hidden[:, -1], hidden_other[:, -1])
     # Called directly (as TRL does), the backbone derives the image's positions and block mask itself.
     torch.testing.assert_close(model.lm_head(hidden), out.logits)
+    # transformers' output conventions hold for the multimodal class too.
+    with_states = model(ids, pixel_values=px, output_hidden_states=True)
+    assert len(with_states.hidden_states) == model.config.num_hidden_layers + 1
+    torch.testing.assert_close(with_states.hidden_states[-1], hidden)
+    assert torch.equal(model(ids, pixel_values=px, return_dict=False)[0], with_states.logits)
     with pytest.raises(ValueError, match="placeholder"):
         model.model(ids, pixel_values=toy_pixels(2))
     with pytest.raises(ValueError, match="text-only"):
