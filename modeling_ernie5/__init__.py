@@ -6,13 +6,14 @@ code (so a saved folder loads with `trust_remote_code=True` without this package
 expert kernels.
 """
 
-from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
+from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoModelForSequenceClassification
 
 from .configuration_ernie5 import PRESETS, Ernie5Config
 from .elastic import ElasticSpec
 from .modeling_ernie5 import (
     Ernie5CausalLMOutput,
     Ernie5ForCausalLM,
+    Ernie5ForSequenceClassification,
     Ernie5Model,
     Ernie5ModelOutput,
     Ernie5PreTrainedModel,
@@ -25,10 +26,12 @@ from . import kernels  # noqa: F401  (registers the fast expert back-ends)
 AutoConfig.register("ernie5", Ernie5Config, exist_ok=True)
 AutoModel.register(Ernie5Config, Ernie5Model, exist_ok=True)
 AutoModelForCausalLM.register(Ernie5Config, Ernie5ForCausalLM, exist_ok=True)
+AutoModelForSequenceClassification.register(Ernie5Config, Ernie5ForSequenceClassification, exist_ok=True)
 
 Ernie5Config.register_for_auto_class()
 Ernie5Model.register_for_auto_class("AutoModel")
 Ernie5ForCausalLM.register_for_auto_class("AutoModelForCausalLM")
+Ernie5ForSequenceClassification.register_for_auto_class("AutoModelForSequenceClassification")
 
 __all__ = [
     "EXPERTS_BACKENDS",
@@ -38,6 +41,7 @@ __all__ = [
     "Ernie5CausalLMOutput",
     "Ernie5Config",
     "Ernie5ForCausalLM",
+    "Ernie5ForSequenceClassification",
     "Ernie5Model",
     "Ernie5ModelOutput",
     "Ernie5PreTrainedModel",

@@ -20,7 +20,7 @@ from torch import nn
 from transformers import GenerationMixin, PreTrainedModel
 from transformers import initialization as init
 from transformers.cache_utils import Cache, DynamicCache
-from transformers.modeling_layers import GradientCheckpointingLayer
+from transformers.modeling_layers import GenericForSequenceClassification, GradientCheckpointingLayer
 from transformers.modeling_outputs import MoeCausalLMOutputWithPast, MoeModelOutputWithPast
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from transformers.utils.generic import can_return_tuple
@@ -635,11 +635,27 @@ class Ernie5ForCausalLM(Ernie5PreTrainedModel, GenerationMixin):
         return torch.stack(losses).mean()
 
 
+class Ernie5ForSequenceClassification(GenericForSequenceClassification, Ernie5PreTrainedModel):
+    """The backbone with a linear `score` head read at each sequence's last non-pad token: classifiers and the
+    reward models of RL post-training (TRL's `RewardTrainer` loads one through `AutoModelForSequenceClassification`).
+    Loss and pooling are transformers' generic ones; the MoE routers balance themselves as in the causal LM."""
+
+    def __init__(self, config: Ernie5Config):
+        # Not GenericForSequenceClassification.__init__: it builds the backbone through `AutoModel`, which a folder
+        # loaded with `trust_remote_code=True` (no ernie5 package installed) cannot resolve.
+        Ernie5PreTrainedModel.__init__(self, config)
+        self.num_labels = config.num_labels
+        self.model = Ernie5Model(config)
+        self.score = nn.Linear(config.hidden_size, config.num_labels, bias=False)
+        self.post_init()
+
+
 __all__ = [
     "Ernie5Attention",
     "Ernie5CausalLMOutput",
     "Ernie5DecoderLayer",
     "Ernie5ForCausalLM",
+    "Ernie5ForSequenceClassification",
     "Ernie5Model",
     "Ernie5ModelOutput",
     "Ernie5MultiTokenPredictor",

@@ -447,16 +447,46 @@ def test_save_and_load_roundtrip(tmp_path):
     assert isinstance(backbone, Ernie5Model)
 
 
+def test_sequence_classification_head_reads_the_last_real_token(tmp_path):
+    from transformers import AutoModelForSequenceClassification
+
+    lm = tiny_model()
+    lm.save_pretrained(tmp_path / "lm")
+    reward = AutoModelForSequenceClassification.from_pretrained(tmp_path / "lm", num_labels=1).eval()
+    assert type(reward).__name__ == "Ernie5ForSequenceClassification"
+    torch.testing.assert_close(reward.model.layers[0].mlp.experts.gate_up_proj, lm.model.layers[0].mlp.experts.gate_up_proj)
+    x = ids(2, 7)
+    padded = torch.cat([x, torch.zeros(2, 3, dtype=torch.long)], dim=1)  # right padding with pad_token_id 0
+    with torch.no_grad():
+        alone = reward(x).logits
+        with_pad = reward(padded, attention_mask=(padded != 0).long()).logits
+        hidden = reward.model(x).last_hidden_state
+    assert alone.shape == (2, 1)
+    torch.testing.assert_close(with_pad, alone, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(alone, reward.score(hidden[:, -1]))
+    out = reward(x, labels=torch.tensor([0.5, -1.0]))
+    torch.testing.assert_close(out.loss, F.mse_loss(out.logits.squeeze(-1), torch.tensor([0.5, -1.0])))
+    reward.save_pretrained(tmp_path / "rm")
+    cfg = json.loads((tmp_path / "rm" / "config.json").read_text())
+    assert cfg["auto_map"]["AutoModelForSequenceClassification"] == "modeling_ernie5.Ernie5ForSequenceClassification"
+
+
 def test_remote_code_load_in_a_process_without_the_package(tmp_path):
+    from modeling_ernie5 import Ernie5ForSequenceClassification
+
     model = tiny_model()
     save = tmp_path / "ckpt"
     model.save_pretrained(save)
+    torch.manual_seed(0)
+    reward = Ernie5ForSequenceClassification(tiny_config(num_labels=1)).eval()
+    reward.save_pretrained(tmp_path / "rm")
     for name in ("configuration_ernie5.py", "modeling_ernie5.py", "moe.py", "rope.py", "masks.py", "elastic.py"):
         assert (save / name).exists(), name
     x = ids(2, 6)
     torch.save(x, tmp_path / "ids.pt")
     with torch.no_grad():
         torch.save(model(x).logits, tmp_path / "want.pt")
+        torch.save(reward(x).logits, tmp_path / "want_rm.pt")
     script = textwrap.dedent(
         f"""
         import importlib.abc, sys, torch
@@ -484,6 +514,10 @@ def test_remote_code_load_in_a_process_without_the_package(tmp_path):
             got = m(x).logits
         torch.testing.assert_close(got, want)
         out = m.generate(x[:, :3], max_new_tokens=4, do_sample=False, pad_token_id=0)
+        from transformers import AutoModelForSequenceClassification
+        rm = AutoModelForSequenceClassification.from_pretrained({str(tmp_path / 'rm')!r}, trust_remote_code=True).eval()
+        with torch.no_grad():
+            torch.testing.assert_close(rm(x).logits, torch.load({str(tmp_path / 'want_rm.pt')!r}, weights_only=True))
         print("OK", tuple(out.shape))
         """
     )
