@@ -26,6 +26,14 @@ def causal_allowed(batch: int, q_len: int, past_len: int, device) -> torch.Tenso
     return (k_pos[None, :] <= q_pos[:, None]).expand(batch, -1, -1)
 
 
+def padded_causal_allowed(attention_mask: torch.Tensor | None, batch: int, q_len: int, past_len: int, device):
+    """(B, Q, past+Q) boolean: causal, and never onto a key that the (B, past+Q) padding mask marks 0."""
+    allowed = causal_allowed(batch, q_len, past_len, device)
+    if attention_mask is not None:
+        allowed = allowed & attention_mask[:, -(past_len + q_len) :].to(torch.bool)[:, None, :]
+    return allowed
+
+
 def build_attention_mask(
     attention_mask: torch.Tensor | None,
     batch: int,
@@ -49,11 +57,7 @@ def build_attention_mask(
     has_padding = attention_mask is not None and not bool(attention_mask.all())
     if not (need_explicit or has_padding or (past_len > 0 and q_len > 1)):
         return None
-    allowed = causal_allowed(batch, q_len, past_len, device)
-    if attention_mask is not None:
-        keys_BK = attention_mask[:, -(past_len + q_len) :].to(torch.bool)
-        allowed = allowed & keys_BK[:, None, :]
-    return to_additive(allowed, dtype)
+    return to_additive(padded_causal_allowed(attention_mask, batch, q_len, past_len, device), dtype)
 
 
 def _allowed_from_4d(mask_B1QK: torch.Tensor) -> torch.Tensor:
@@ -83,15 +87,8 @@ def to_block_mask(allowed_BQK: torch.Tensor):
     return create_block_mask(may_attend, batch, None, q_len, k_len, device=allowed_BQK.device)
 
 
-def mask_for_attention(
-    implementation: str | None,
-    attention_mask: torch.Tensor | None,
-    batch: int,
-    q_len: int,
-    past_len: int,
-    dtype: torch.dtype,
-    device,
-):
+def mask_for_attention(implementation: str | None, attention_mask: torch.Tensor | None, batch: int, q_len: int,
+                       past_len: int, dtype: torch.dtype, device):  # fmt: skip
     """The attention mask in the form the kernel `implementation` (`config._attn_implementation`) takes.
 
     - flash attention (any implementation named "*flash*"): the (B, past+Q) padding mask, or None without padding;
@@ -113,10 +110,7 @@ def mask_for_attention(
     if implementation == "flex_attention":
         if attention_mask is not None and attention_mask.dim() == 4:
             return to_block_mask(_allowed_from_4d(attention_mask))
-        allowed = causal_allowed(batch, q_len, past_len, device)
-        if attention_mask is not None:
-            allowed = allowed & attention_mask[:, -(past_len + q_len) :].to(torch.bool)[:, None, :]
-        return to_block_mask(allowed)
+        return to_block_mask(padded_causal_allowed(attention_mask, batch, q_len, past_len, device))
     return build_attention_mask(
         attention_mask, batch, q_len, past_len, dtype, device, need_explicit=implementation not in ("sdpa", "eager", None)
     )
