@@ -69,8 +69,8 @@ def make_inputs(tokens, hidden, inter, experts, top_k, dtype, device, routing="u
     gen = torch.Generator(device=device).manual_seed(seed)
     kw = dict(generator=gen, device=device)
     x = torch.randn(tokens, hidden, **kw)
-    gate_up = torch.randn(experts, hidden, 2 * inter, **kw) / hidden**0.5
-    down = torch.randn(experts, inter, hidden, **kw) / inter**0.5
+    gate_up = torch.randn(experts, 2 * inter, hidden, **kw) / hidden**0.5  # (out, in) per expert, as Ernie5Experts
+    down = torch.randn(experts, hidden, inter, **kw) / inter**0.5
     scores = torch.rand(tokens, experts, **kw)
     if routing == "skewed":
         scores[:, :2] += 10.0 * (torch.rand(tokens, 1, **kw) < 0.9)
@@ -113,16 +113,17 @@ def check_launchers(device) -> dict:
         return torch.cat([a_rows[s:e] @ b_E[i] for i, (s, e) in enumerate(bounds)])
 
     x_S = x[tok]
-    c, _ = ops.grouped_gemm(x, gate_up, layout, rows, gather=tok)
-    out["grouped_gemm(gather)"] = rel_err(c, per_expert(x_S, gate_up))
-    c, _ = ops.grouped_gemm(x_S.contiguous(), gate_up, layout, rows)
-    out["grouped_gemm(plain)"] = rel_err(c, per_expert(x_S, gate_up))
+    gu_B = gate_up.transpose(1, 2)  # the forward's (E, in, out) operand: a column-major view of the weights
+    c, _ = ops.grouped_gemm(x, gu_B, layout, rows, gather=tok)
+    out["grouped_gemm(gather)"] = rel_err(c, per_expert(x_S, gu_B))
+    c, _ = ops.grouped_gemm(x_S.contiguous(), gu_B, layout, rows)
+    out["grouped_gemm(plain)"] = rel_err(c, per_expert(x_S, gu_B))
     g_SD = torch.randn(rows, 2 * inter, device=device)
-    c, _ = ops.grouped_gemm(g_SD, gate_up.transpose(1, 2), layout, rows)
-    out["grouped_gemm(transposed B)"] = rel_err(c, per_expert(g_SD, gate_up.transpose(1, 2)))
+    c, _ = ops.grouped_gemm(g_SD, gate_up, layout, rows)
+    out["grouped_gemm(row-major B)"] = rel_err(c, per_expert(g_SD, gate_up))
     w_S = w.reshape(-1)[groups.valid_order].contiguous()
-    a, h = ops.grouped_gemm(x, gate_up, layout, rows, gather=tok, swiglu=True, w_S=w_S, store_h=True)
-    h_ref = per_expert(x_S, gate_up)
+    a, h = ops.grouped_gemm(x, gu_B, layout, rows, gather=tok, swiglu=True, w_S=w_S, store_h=True)
+    h_ref = per_expert(x_S, gu_B)
     out["grouped_gemm(swiglu h)"] = rel_err(h, h_ref)
     out["grouped_gemm(swiglu act*w)"] = rel_err(a, F.silu(h_ref[:, :inter]) * h_ref[:, inter:] * w_S[:, None])
     dW = ops.grouped_gemm_tn(x, h_ref, groups.counts_E, groups.offsets_E, torch.float32, a_gather=tok)
@@ -225,17 +226,17 @@ def copy_bandwidth(device, measure, smoke) -> float:
 
 
 def hf_experts(impl, gate_up, down):
-    """transformers' Qwen3-MoE experts module (native (E, out, in) layout) holding our weights."""
+    """transformers' Qwen3-MoE experts module holding our weights (the same (E, out, in) layout)."""
     from transformers import Qwen3MoeConfig
     from transformers.models.qwen3_moe.modeling_qwen3_moe import Qwen3MoeExperts
 
-    experts, hidden, two_f = gate_up.shape
+    experts, two_f, hidden = gate_up.shape
     cfg = Qwen3MoeConfig(hidden_size=hidden, moe_intermediate_size=two_f // 2, num_experts=experts)
     cfg._experts_implementation = impl
     module = Qwen3MoeExperts(cfg).to(device=gate_up.device, dtype=gate_up.dtype)
     with torch.no_grad():
-        module.gate_up_proj.copy_(gate_up.transpose(1, 2))
-        module.down_proj.copy_(down.transpose(1, 2))
+        module.gate_up_proj.copy_(gate_up)
+        module.down_proj.copy_(down)
     return module
 
 
@@ -248,10 +249,10 @@ def bare_grouped_mm(x, gate_up, down, idx, w):
     groups = group_by_expert(idx, gate_up.shape[0])
     offs = groups.offsets_E.to(torch.int32)
     tok = groups.valid_token
-    h = GROUPED_MM(x[tok], gate_up, offs=offs)
+    h = GROUPED_MM(x[tok], gate_up.transpose(1, 2), offs=offs)
     inter = h.shape[1] // 2
     a = F.silu(h[:, :inter]) * h[:, inter:]
-    y = GROUPED_MM(a, down, offs=offs) * w.reshape(-1)[groups.valid_order, None]
+    y = GROUPED_MM(a, down.transpose(1, 2), offs=offs) * w.reshape(-1)[groups.valid_order, None]
     return torch.zeros_like(x).index_add(0, tok, y)
 
 

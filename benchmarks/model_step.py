@@ -119,6 +119,9 @@ def timed(fn) -> float:
     return time.perf_counter() - start
 
 
+PHASES = {"train": ("training step", "train_step_s", "train_tokens_per_s"), "decode": ("cached decoding", "decode_s", "decode_tokens_per_s")}
+
+
 def run(args) -> dict:
     dtype = getattr(torch, args.dtype)
     ernie, qwen = build_models(dtype)
@@ -126,8 +129,13 @@ def run(args) -> dict:
     ids = torch.randint(1, DIMS["vocab_size"], (args.batch, args.seq), generator=gen)
     prompt = torch.randint(1, DIMS["vocab_size"], (args.decode_batch, args.prompt), generator=gen)
     cands = candidates(ernie, qwen, args.slow, args.batch * args.seq)
-    step_times = {name: [] for name, _, _ in cands}
-    decode_times = {name: [] for name, _, _ in cands}
+    if "train" not in args.phases:  # the fused loss changes training only: its decoding is the `cpu` row's
+        cands = [c for c in cands if c[0] != "ernie5:cpu+fused_ce"]
+    work = {
+        "train": (lambda model: train_step(model, ids), args.batch * args.seq),
+        "decode": (lambda model: decode(model, prompt, args.new_tokens), args.decode_batch * args.new_tokens),
+    }
+    times = {name: {phase: [] for phase in args.phases} for name, _, _ in cands}
     load_before = os.getloadavg()[0]
     from tqdm import tqdm
 
@@ -135,33 +143,24 @@ def run(args) -> dict:
         order = cands[r % len(cands):] + cands[: r % len(cands)]
         for name, model, setup in order:
             setup()
-            t_step = timed(lambda: train_step(model, ids))
-            t_dec = timed(lambda: decode(model, prompt, args.new_tokens))
-            if r:
-                step_times[name].append(t_step)
-                decode_times[name].append(t_dec)
-    train_tokens = args.batch * args.seq
-    decode_tokens = args.decode_batch * args.new_tokens
-    rows = {}
-    for name in step_times:
-        s, d = statistics.median(step_times[name]), statistics.median(decode_times[name])
-        rows[name] = {
-            "train_step_s": s,
-            "train_tokens_per_s": train_tokens / s,
-            "decode_s": d,
-            "decode_tokens_per_s": decode_tokens / d,
-            "train_runs": step_times[name],
-            "decode_runs": decode_times[name],
-        }
-    best_train = max(v["train_tokens_per_s"] for k, v in rows.items() if k.startswith("qwen3:"))
-    best_decode = max(v["decode_tokens_per_s"] for k, v in rows.items() if k.startswith("qwen3:"))
-    for row in rows.values():
-        row["train_vs_hf_best"] = row["train_tokens_per_s"] / best_train
-        row["decode_vs_hf_best"] = row["decode_tokens_per_s"] / best_decode
+            for phase in args.phases:
+                elapsed = timed(lambda: work[phase][0](model))
+                if r:
+                    times[name][phase].append(elapsed)
+    rows = {name: {} for name in times}
+    for phase in args.phases:
+        _, seconds_key, rate_key = PHASES[phase]
+        for name, row in rows.items():
+            median = statistics.median(times[name][phase])
+            row.update({seconds_key: median, rate_key: work[phase][1] / median, f"{phase}_runs": times[name][phase]})
+        best = max(row[rate_key] for name, row in rows.items() if name.startswith("qwen3:"))
+        for row in rows.values():
+            row[f"{phase}_vs_hf_best"] = row[rate_key] / best
     return {
         "benchmark": "model_step",
         "dims": DIMS,
         "dtype": args.dtype,
+        "phases": list(args.phases),
         "batch": args.batch,
         "seq": args.seq,
         "decode": {"batch": args.decode_batch, "prompt": args.prompt, "new_tokens": args.new_tokens},
@@ -176,17 +175,22 @@ def run(args) -> dict:
 
 
 def print_table(report: dict) -> None:
+    phases = report.get("phases", list(PHASES))
     print(
         f"\n== model_step {report['dtype']} batch={report['batch']}x{report['seq']} decode "
         f"{report['decode']['batch']}x{report['decode']['new_tokens']} new tokens (median of {report['rounds']}; "
         f"load {report['loadavg_before']:.1f}->{report['loadavg_after']:.1f})"
     )
-    print(f"{'impl':<22}{'step ms':>10}{'train tok/s':>13}{'xHF':>7}{'decode ms':>11}{'dec tok/s':>11}{'xHF':>7}")
+    heads = {"train": f"{'step ms':>10}{'train tok/s':>13}{'xHF':>7}", "decode": f"{'decode ms':>11}{'dec tok/s':>11}{'xHF':>7}"}
+    print(f"{'impl':<22}" + "".join(heads[p] for p in phases))
     for name, row in report["results"].items():
-        print(
-            f"{name:<22}{row['train_step_s'] * 1e3:>10.1f}{row['train_tokens_per_s']:>13.0f}{row['train_vs_hf_best']:>7.2f}"
-            f"{row['decode_s'] * 1e3:>11.1f}{row['decode_tokens_per_s']:>11.1f}{row['decode_vs_hf_best']:>7.2f}"
-        )
+        cells = {
+            "train": f"{row.get('train_step_s', 0) * 1e3:>10.1f}{row.get('train_tokens_per_s', 0):>13.0f}"
+            f"{row.get('train_vs_hf_best', 0):>7.2f}",
+            "decode": f"{row.get('decode_s', 0) * 1e3:>11.1f}{row.get('decode_tokens_per_s', 0):>11.1f}"
+            f"{row.get('decode_vs_hf_best', 0):>7.2f}",
+        }
+        print(f"{name:<22}" + "".join(cells[p] for p in phases))
 
 
 def plot(report: dict, path: Path) -> None:
@@ -196,8 +200,10 @@ def plot(report: dict, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     names = list(report["results"])
-    fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
-    for ax, key, title in ((axes[0], "train_tokens_per_s", "training step"), (axes[1], "decode_tokens_per_s", "cached decoding")):
+    phases = report.get("phases", list(PHASES))
+    fig, axes = plt.subplots(1, len(phases), figsize=(5 * len(phases), 3.8), squeeze=False)
+    for ax, phase in zip(axes[0], phases):
+        title, _, key = PHASES[phase]
         vals = [report["results"][n][key] for n in names]
         ax.bar(range(len(names)), vals, color=["tab:blue" if n.startswith("ernie5") else "tab:gray" for n in names])
         ax.set_xticks(range(len(names)), names, rotation=30, ha="right", fontsize=8)
@@ -220,6 +226,8 @@ def main(argv=None) -> dict:
     parser.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--slow", action="store_true", help="also time the reference loop and transformers' eager")
+    parser.add_argument("--phases", nargs="+", choices=list(PHASES), default=list(PHASES),
+                        help="what to time (e.g. `--phases decode` for many cheap decoding rounds)")
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args(argv)
     if args.quick:

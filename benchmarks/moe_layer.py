@@ -108,8 +108,8 @@ def build_blocks(shape: dict, dtype: torch.dtype, seed: int = 0):
     qwen = Qwen3MoeSparseMoeBlock(qwen_cfg)
     with torch.no_grad():
         qwen.gate.weight.copy_(ernie.gate.weight)
-        qwen.experts.gate_up_proj.copy_(ernie.experts.gate_up_proj.transpose(1, 2))
-        qwen.experts.down_proj.copy_(ernie.experts.down_proj.transpose(1, 2))
+        qwen.experts.gate_up_proj.copy_(ernie.experts.gate_up_proj)  # same (E, out, in) layout
+        qwen.experts.down_proj.copy_(ernie.experts.down_proj)
     return ernie.to(dtype), qwen.to(dtype)
 
 

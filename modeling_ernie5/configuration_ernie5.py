@@ -20,6 +20,11 @@ from .configuration_ernie5_vision import Ernie5VisionConfig
 # (ERNIE 5.0 §6.4.2: 16 layers, 64 experts, top-8, about 454M active / 3.2B total). The report gives no
 # hidden or expert sizes; the values below were chosen so the parameter counts (embeddings excluded, the
 # usual convention) land on the reported ones: 3.26B total, 444M active (see `elastic.parameter_counts`).
+# How `experts.gate_up_proj` / `experts.down_proj` are stored: (E, out, in), like `nn.Linear` and transformers' MoE
+# models. Written to every config.json; checkpoints saved before the field existed hold (E, in, out) and are refused
+# with instructions instead of loading transposed weights silently (their shapes coincide whenever D == 2F).
+EXPERT_WEIGHT_LAYOUT = "out_in"
+
 PRESETS: dict[str, dict[str, Any]] = {
     "tiny": {},
     "ablation-3b": dict(
@@ -244,6 +249,7 @@ class Ernie5Config(PretrainedConfig):
         # TRL reads `config.auto_map` without a guard; it must be an instance attribute (a class-level dict
         # would be shared and mutated by `register_for_auto_class`).
         self.auto_map = kwargs.pop("auto_map", None) or {}
+        self.expert_weight_layout = kwargs.pop("expert_weight_layout", EXPERT_WEIGHT_LAYOUT)
         super().__init__(
             tie_word_embeddings=tie_word_embeddings,
             pad_token_id=pad_token_id,
@@ -255,6 +261,8 @@ class Ernie5Config(PretrainedConfig):
 
     def validate_ernie5(self) -> None:
         """Reject impossible combinations with an error naming the field."""
+        if self.expert_weight_layout != EXPERT_WEIGHT_LAYOUT:
+            raise ValueError(f"expert_weight_layout must be {EXPERT_WEIGHT_LAYOUT!r}, got {self.expert_weight_layout!r}")
         positive = [
             "vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
             "head_dim", "num_experts", "num_experts_per_tok", "moe_intermediate_size", "max_position_embeddings",
@@ -328,6 +336,17 @@ class Ernie5Config(PretrainedConfig):
             ids = [self.image_token_id, self.image_gen_token_id, self.boi_token_id, self.eoi_token_id]
             if len(set(ids)) != 4:
                 raise ValueError(f"Ernie5Config image/BOI/EOI token ids must be distinct, got {ids}")
+
+    @classmethod
+    def from_dict(cls, config_dict: dict[str, Any], **kwargs) -> "Ernie5Config":
+        if "expert_weight_layout" not in config_dict:
+            raise ValueError(
+                "this ernie5 config.json has no 'expert_weight_layout': it was saved before the expert weights moved "
+                "to the (E, out, in) layout and its experts.gate_up_proj / experts.down_proj are (E, in, out). Load "
+                "it with trust_remote_code=True (the code saved next to it), or transpose those two tensors' last two "
+                f"dimensions and add \"expert_weight_layout\": \"{EXPERT_WEIGHT_LAYOUT}\" to config.json"
+            )
+        return super().from_dict(config_dict, **kwargs)
 
     @classmethod
     def from_preset(cls, name: str, **overrides) -> "Ernie5Config":

@@ -9,7 +9,8 @@ Dimension legend used in names: B batch, L sequence, T tokens (B*L), D hidden, F
 K experts per token.
 
 Expert compute goes through one registry, `EXPERTS_BACKENDS`: every back-end takes
-`(x_TD, gate_up_EDF2, down_EFD, idx_TK, w_TK)` and returns `out_TD = sum_k w_TK * expert(x_TD)`. An index
+`(x_TD, gate_up_EF2D, down_EDF, idx_TK, w_TK)` (weights laid out (out, in) per expert, like `nn.Linear` and
+transformers' MoE models) and returns `out_TD = sum_k w_TK * expert(x_TD)`. An index
 `>= E` in `idx_TK` means "no expert in this slot" (its weight is 0); elastic training with a per-token top-k
 uses it. This file holds only the readable reference back-end so that a saved model folder runs on its own
 with `trust_remote_code=True`; the package registers its fast kernels from `modeling_ernie5/kernels/` on import.
@@ -36,16 +37,16 @@ def accumulate_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float32 if dtype in (torch.bfloat16, torch.float16) else dtype
 
 
-def reference_experts_forward(x_TD, gate_up_EDF2, down_EFD, idx_TK, w_TK):
+def reference_experts_forward(x_TD, gate_up_EF2D, down_EDF, idx_TK, w_TK):
     """Plain per-expert loop; the numerical truth every other back-end is tested against."""
-    num_experts = gate_up_EDF2.shape[0]
+    num_experts = gate_up_EF2D.shape[0]
     out_TD = torch.zeros_like(x_TD)
     for e in torch.unique(idx_TK).tolist():  # sync point: the loop needs the set of used experts on the host
         if e >= num_experts:
             continue
         tok, slot = torch.nonzero(idx_TK == e, as_tuple=True)
-        gate_TF, up_TF = (x_TD[tok] @ gate_up_EDF2[e]).chunk(2, dim=-1)
-        y_TD = (F.silu(gate_TF) * up_TF) @ down_EFD[e]
+        gate_TF, up_TF = F.linear(x_TD[tok], gate_up_EF2D[e]).chunk(2, dim=-1)
+        y_TD = F.linear(F.silu(gate_TF) * up_TF, down_EDF[e])
         out_TD = out_TD.index_add(0, tok, y_TD * w_TK[tok, slot, None].to(y_TD.dtype))
     return out_TD
 
@@ -102,15 +103,18 @@ class Ernie5MLP(nn.Module):
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
 
 
-@use_experts_implementation(is_transposed=True)
+@use_experts_implementation()
 class Ernie5Experts(nn.Module):
     """Routed SwiGLU experts stored as 3D parameters so peft `target_parameters`, expert-parallel plans and
-    kernels address them: `gate_up_proj` (E, D, 2F) holding [gate | up], `down_proj` (E, F, D).
+    kernels address them: `gate_up_proj` (E, 2F, D) holding [gate | up] rows, `down_proj` (E, D, F). Each expert
+    is laid out (out, in) like an `nn.Linear` weight, as in transformers' own MoE models: their weights and
+    tensor-parallel plans carry over, and a CPU without native bf16 matmul reads half-precision weights for small
+    batches through PyTorch's fast dot-product path (this layout), not a slow emulated GEMM.
 
     Two switches reach the expert compute. transformers' `config._experts_implementation` (set by
     `from_pretrained(..., experts_implementation=...)` or `model.set_experts_implementation(...)`) picks a
-    function from its `ExpertsInterface`: its own `"grouped_mm"` / `"batched_mm"` (which accept our transposed
-    (E, in, out) layout) or the `"ernie5_*"` names the kernels package registers. `"eager"` (and `None`) runs
+    function from its `ExpertsInterface`: its own `"grouped_mm"` / `"batched_mm"` or the `"ernie5_*"` names the
+    kernels package registers. `"eager"` (and `None`) runs
     `forward` below, which asks this file's registry for `config.experts_backend` (`"auto"`: our fastest).
     """
 
@@ -119,8 +123,8 @@ class Ernie5Experts(nn.Module):
         self.config = config
         self.num_experts = config.num_experts
         d, f = config.hidden_size, config.moe_intermediate_size
-        self.gate_up_proj = nn.Parameter(torch.empty(config.num_experts, d, 2 * f))
-        self.down_proj = nn.Parameter(torch.empty(config.num_experts, f, d))
+        self.gate_up_proj = nn.Parameter(torch.empty(config.num_experts, 2 * f, d))
+        self.down_proj = nn.Parameter(torch.empty(config.num_experts, d, f))
         self.act_fn = F.silu  # read by transformers' back-ends
 
     # Elastic top-k marks empty slots with transformers' expert-parallel sentinel (index >= E, weight 0) even on

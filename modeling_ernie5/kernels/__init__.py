@@ -34,7 +34,7 @@ def _as_hf_experts_fn(backend):
     return experts_forward
 
 
-# Our weights use the transposed (E, in, out) layout, so these only fit modules laid out like `Ernie5Experts`.
+# These read `gate_up_proj` (E, 2F, D) as [gate | up] rows and `down_proj` (E, D, F), as `Ernie5Experts` stores them.
 HF_EXPERTS_IMPLEMENTATIONS = {
     "ernie5_cpu": _as_hf_experts_fn(sorted_experts_forward),
     "ernie5_triton": _as_hf_experts_fn(triton_experts_forward),

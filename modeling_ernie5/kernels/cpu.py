@@ -51,6 +51,15 @@ _GROUPED_MM_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 # Which matmul driver the back-end uses: "auto" (grouped_mm off CPU when it can run, else the loop), "grouped_mm",
 # "loop".
 MATMUL_DRIVERS = ("auto", "grouped_mm", "loop")
+# Up to this many rows of one expert, half-precision inference on a CPU without native half matmul reads the weight
+# through `F.linear`'s half dot-product kernel instead of converting it to fp32: one 512x512 bf16 expert, rows 1/2/4,
+# 47/86/148 us against 74/159/164 us converted (2 threads, this repo's test VM).
+HALF_DOT_MAX_ROWS = 4
+# Half-precision inference on such a CPU with at most this many (token, slot) rows per expert (decoding, small
+# batches) stays in half precision and runs through one `F.grouped_mm`, whose per-expert products use the same dot
+# kernel and whose expert loop is in C++ (8 x 512x512 + 8 x 512x256 bf16 experts, 2 threads: 0.95 vs 1.18 ms at
+# 1 token, 15.9 vs 22.3 ms at 32 tokens = 4 rows per expert; at 6 rows per expert converting is faster).
+HALF_GROUPED_MAX_ROWS_PER_EXPERT = 4
 # Rows per chunk of the CPU loop. Chunks of 256..1024 rows measured within noise of each other at T=512 and
 # T=4096; 128 was ~8% slower (per-op overhead), and one unchunked pass loses the cache reuse.
 CHUNK_ROWS = 512
@@ -63,26 +72,33 @@ def _aligned(t: torch.Tensor) -> bool:
     return all(s == 1 or (s * t.element_size()) % 16 == 0 for s in t.stride())
 
 
-def use_grouped_mm(driver: str, x_TD: torch.Tensor, gate_up_EDF2: torch.Tensor, down_EFD: torch.Tensor) -> bool:
-    """Decide once per call whether `F.grouped_mm` drives the matmuls (forward and backward alike).
-
-    It needs fp32/bf16/fp16 and 16-byte aligned rows; every intermediate is a fresh contiguous (rows, D), (rows, F)
-    or (rows, 2F) tensor, so checking the widths and the weights suffices. "auto" never picks it on CPU: there it
-    is a loop of one `mm` per expert (empty ones included) that allocates full-size outputs, whereas the chunked
-    loop writes into slices of cache-sized scratch buffers (fwd+bwd 1.1x faster at T=512, 1.25x at T=4096 with
-    one thread, same chunked code driven either way).
-    """
-    if driver == "loop" or not hasattr(F, "grouped_mm"):
+def grouped_mm_can_run(x_TD: torch.Tensor, gate_up_EF2D: torch.Tensor, down_EDF: torch.Tensor) -> bool:
+    """Whether `F.grouped_mm` can take this call: fp32/bf16/fp16 and 16-byte aligned rows. Every intermediate is a
+    fresh contiguous (rows, D), (rows, F) or (rows, 2F) tensor, so checking the widths and the weights suffices."""
+    if not hasattr(F, "grouped_mm"):
         return False
     itemsize = x_TD.element_size()
-    ok = (
+    return (
         x_TD.dtype in _GROUPED_MM_DTYPES
-        and gate_up_EDF2.dtype == down_EFD.dtype == x_TD.dtype
+        and gate_up_EF2D.dtype == down_EDF.dtype == x_TD.dtype
         and (x_TD.shape[1] * itemsize) % 16 == 0
-        and (down_EFD.shape[1] * itemsize) % 16 == 0
-        and _aligned(gate_up_EDF2)
-        and _aligned(down_EFD)
+        and (down_EDF.shape[2] * itemsize) % 16 == 0
+        and _aligned(gate_up_EF2D)
+        and _aligned(down_EDF)
     )
+
+
+def use_grouped_mm(driver: str, x_TD: torch.Tensor, gate_up_EF2D: torch.Tensor, down_EDF: torch.Tensor) -> bool:
+    """Decide once per call whether `F.grouped_mm` drives the matmuls (forward and backward alike).
+
+    "auto" never picks it on CPU for training or fp32: there it is a loop of one `mm` per expert (empty ones
+    included) that allocates full-size outputs, whereas the chunked loop writes into slices of cache-sized scratch
+    buffers (fwd+bwd 1.1x faster at T=512, 1.25x at T=4096 with one thread, same chunked code driven either way).
+    (`sorted_experts_forward` asks for it explicitly for small half-precision inference batches.)
+    """
+    if driver == "loop":
+        return False
+    ok = grouped_mm_can_run(x_TD, gate_up_EF2D, down_EDF)
     if driver == "grouped_mm":
         if not ok:
             raise ValueError("matmul driver 'grouped_mm' needs fp32/bf16/fp16 inputs with 16-byte aligned strides")
@@ -120,21 +136,31 @@ def plan_chunks(counts: list[int], target_rows: int | None) -> list[ExpertChunk]
     return chunks
 
 
-def chunk_matmul(a_RK, b_EKN, chunk: ExpertChunk, out_RN=None, offsets_E=None) -> torch.Tensor:
-    """Each expert's rows of the chunk times that expert's matrix: (R, K) x (E, K, N) -> (R, N).
+def chunk_matmul(a_RK, w_ENK, chunk: ExpertChunk, out_RN=None, offsets_E=None) -> torch.Tensor:
+    """Each expert's rows of the chunk times the transpose of that expert's (out, in) matrix, as `F.linear`:
+    (R, K) x (E, N, K) -> (R, N). `w_ENK` may be a transposed view (the backward multiplies by W, not W^T).
 
     With `offsets_E` (grouped_mm's int32 end rows, one chunk of all experts) a single `F.grouped_mm`; otherwise
     one `torch.mm` per piece into `out_RN`."""
     if offsets_E is not None:
-        return F.grouped_mm(a_RK, b_EKN, offs=offsets_E)
+        return F.grouped_mm(a_RK, w_ENK.transpose(1, 2), offs=offsets_E)
     for e, lo, hi in chunk.pieces:
-        # A half-precision weight meets fp32 rows only on the fp32-compute path (`needs_fp32_compute`).
-        torch.mm(a_RK[lo:hi], b_EKN[e].to(a_RK.dtype), out=out_RN[lo:hi])
+        w_NK = w_ENK[e]
+        if w_NK.dtype != a_RK.dtype:
+            # Half weights meet fp32 rows only on the fp32-compute inference path (`needs_fp32_compute`). A few rows
+            # go through PyTorch's half-precision dot-product kernel on the (out, in) weight as it is (no copy);
+            # more rows are cheaper with the weight converted once.
+            if hi - lo <= HALF_DOT_MAX_ROWS and w_NK.is_contiguous():
+                out_RN[lo:hi] = F.linear(a_RK[lo:hi].to(w_NK.dtype), w_NK)
+                continue
+            w_NK = w_NK.to(a_RK.dtype)
+        torch.mm(a_RK[lo:hi], w_NK.t(), out=out_RN[lo:hi])
     return out_RN
 
 
 def chunk_matmul_tn(a_RM, b_RN, chunk: ExpertChunk, out_EMN=None, offsets_E=None) -> torch.Tensor:
-    """Per-expert `a_e^T @ b_e` (weight gradients), written into `out_EMN[e]` for the chunk's experts.
+    """Per-expert `a_e^T @ b_e` (weight gradients: `a` the output side, `b` the input side of a (out, in) weight),
+    written into `out_EMN[e]` for the chunk's experts.
 
     With `offsets_E` (one chunk of all experts) a single `F.grouped_mm`, returned as a new (E, M, N) tensor in
     which experts without rows are zero."""
@@ -180,11 +206,11 @@ def _layout(idx_TK: torch.Tensor, num_experts: int, grouped: bool) -> _Layout:
     return _Layout(groups, chunks, offsets_E, max((c.stop - c.start for c in chunks), default=0))
 
 
-def _experts_forward(x_TD, gate_up_EDF2, down_EFD, w_TK, layout: _Layout, save_h: bool):
+def _experts_forward(x_TD, gate_up_EF2D, down_EDF, w_TK, layout: _Layout, save_h: bool):
     """The forward pass chunk by chunk; returns `(out_TD, h_SF2)`, `h_SF2` only when `save_h`."""
     groups, chunks, offs, max_rows = layout
     num_tokens, hidden = x_TD.shape
-    two_f = gate_up_EDF2.shape[2]
+    two_f = gate_up_EF2D.shape[1]
     inter = two_f // 2
     acc = accumulate_dtype(x_TD.dtype)
     out_TD = torch.zeros(num_tokens, hidden, dtype=acc, device=x_TD.device)
@@ -203,15 +229,15 @@ def _experts_forward(x_TD, gate_up_EDF2, down_EFD, w_TK, layout: _Layout, save_h
         tok_R = token_S[chunk.start : chunk.stop]
         x_RD = _gather_rows(x_TD, tok_R, x_buf)
         if loop:
-            h_RF2 = chunk_matmul(x_RD, gate_up_EDF2, chunk, h_SF2[chunk.start : chunk.stop] if save_h else h_buf[:rows])
+            h_RF2 = chunk_matmul(x_RD, gate_up_EF2D, chunk, h_SF2[chunk.start : chunk.stop] if save_h else h_buf[:rows])
         else:
-            h_RF2 = chunk_matmul(x_RD, gate_up_EDF2, chunk, offsets_E=offs)
+            h_RF2 = chunk_matmul(x_RD, gate_up_EF2D, chunk, offsets_E=offs)
             if save_h:
                 h_SF2 = h_RF2  # one chunk of all rows: grouped_mm's output is the saved tensor
         gate_RF, up_RF = h_RF2[:, :inter], h_RF2[:, inter:]
         a_RF = torch.sigmoid(gate_RF, out=a_buf[:rows]) if loop else torch.sigmoid(gate_RF)
         a_RF.mul_(gate_RF).mul_(up_RF).mul_(w_S[chunk.start : chunk.stop, None])  # combine weight folded in
-        y_RD = chunk_matmul(a_RF, down_EFD, chunk, x_RD, offs)  # x_RD is dead once h is computed
+        y_RD = chunk_matmul(a_RF, down_EDF, chunk, x_RD, offs)  # x_RD is dead once h is computed
         out_TD.index_add_(0, tok_R, y_RD.to(acc))
     return out_TD.to(x_TD.dtype), h_SF2
 
@@ -220,21 +246,21 @@ class SortedExpertsFunction(torch.autograd.Function):
     """out_TD = sum_k w_TK * SwiGLU_e(x_TD) through sorted grouped matmuls; see the module docstring."""
 
     @staticmethod
-    def forward(ctx, x_TD, gate_up_EDF2, down_EFD, idx_TK, w_TK, driver):
-        grouped = use_grouped_mm(driver, x_TD, gate_up_EDF2, down_EFD)
-        layout = _layout(idx_TK, gate_up_EDF2.shape[0], grouped)
-        out_TD, h_SF2 = _experts_forward(x_TD, gate_up_EDF2, down_EFD, w_TK, layout, save_h=True)
-        ctx.save_for_backward(x_TD, gate_up_EDF2, down_EFD, w_TK, h_SF2)
+    def forward(ctx, x_TD, gate_up_EF2D, down_EDF, idx_TK, w_TK, driver):
+        grouped = use_grouped_mm(driver, x_TD, gate_up_EF2D, down_EDF)
+        layout = _layout(idx_TK, gate_up_EF2D.shape[0], grouped)
+        out_TD, h_SF2 = _experts_forward(x_TD, gate_up_EF2D, down_EDF, w_TK, layout, save_h=True)
+        ctx.save_for_backward(x_TD, gate_up_EF2D, down_EDF, w_TK, h_SF2)
         ctx.layout = layout
         return out_TD
 
     @staticmethod
     def backward(ctx, dout_TD):
-        x_TD, gate_up_EDF2, down_EFD, w_TK, h_SF2 = ctx.saved_tensors
+        x_TD, gate_up_EF2D, down_EDF, w_TK, h_SF2 = ctx.saved_tensors
         groups, chunks, offs, max_rows = ctx.layout
         need_x, need_gu, need_down, _, need_w = ctx.needs_input_grad[:5]
         num_tokens, hidden = x_TD.shape
-        num_experts, _, two_f = gate_up_EDF2.shape
+        num_experts, two_f, _ = gate_up_EF2D.shape
         inter = two_f // 2
         dtype, device = x_TD.dtype, x_TD.device
         acc = accumulate_dtype(dtype)
@@ -242,8 +268,8 @@ class SortedExpertsFunction(torch.autograd.Function):
             # No real expert was hit: every gradient is exactly zero.
             return (
                 torch.zeros_like(x_TD) if need_x else None,
-                torch.zeros_like(gate_up_EDF2) if need_gu else None,
-                torch.zeros_like(down_EFD) if need_down else None,
+                torch.zeros_like(gate_up_EF2D) if need_gu else None,
+                torch.zeros_like(down_EDF) if need_down else None,
                 None,
                 torch.zeros_like(w_TK) if need_w else None,
                 None,
@@ -257,10 +283,10 @@ class SortedExpertsFunction(torch.autograd.Function):
         if loop:
             empty_experts = (groups.counts_E == 0).nonzero().flatten()
             if need_gu:
-                d_gate_up = torch.empty(gate_up_EDF2.shape, dtype=gate_up_EDF2.dtype, device=device)
+                d_gate_up = torch.empty(gate_up_EF2D.shape, dtype=gate_up_EF2D.dtype, device=device)
                 d_gate_up.index_fill_(0, empty_experts, 0)
             if need_down:
-                d_down = torch.empty(down_EFD.shape, dtype=down_EFD.dtype, device=device)
+                d_down = torch.empty(down_EDF.shape, dtype=down_EDF.dtype, device=device)
                 d_down.index_fill_(0, empty_experts, 0)
         if need_x:
             dx_TD = torch.zeros(num_tokens, hidden, dtype=acc, device=device)
@@ -282,7 +308,7 @@ class SortedExpertsFunction(torch.autograd.Function):
             tok_R = token_S[chunk.start : chunk.stop]
             w_R1 = w_S[chunk.start : chunk.stop, None]
             dout_RD = _gather_rows(dout_TD, tok_R, dout_buf)
-            g_RF = chunk_matmul(dout_RD, down_EFD.transpose(1, 2), chunk, rows_of(g_buf, rows), offs)  # d(w*a)
+            g_RF = chunk_matmul(dout_RD, down_EDF.transpose(1, 2), chunk, rows_of(g_buf, rows), offs)  # d(w*a) = dY W
             gate_RF, up_RF = h_SF2[chunk.start : chunk.stop, :inter], h_SF2[chunk.start : chunk.stop, inter:]
             sig_RF = torch.sigmoid(gate_RF, out=rows_of(s1_buf, rows))
             silu_RF = torch.mul(gate_RF, sig_RF, out=rows_of(s2_buf, rows))
@@ -294,7 +320,7 @@ class SortedExpertsFunction(torch.autograd.Function):
                     dw_S[chunk.start : chunk.stop] = (g_RF.to(acc) * a_RF.to(acc)).sum(-1)
             if need_down:
                 a_RF.mul_(w_R1)
-                d_down = chunk_matmul_tn(a_RF, dout_RD, chunk, d_down, offs)
+                d_down = chunk_matmul_tn(dout_RD, a_RF, chunk, d_down, offs)
             if need_x or need_gu:
                 g_RF.mul_(w_R1)  # now d a
                 dh_RF2 = dh_buf[:rows] if loop else x_TD.new_empty(rows, two_f)
@@ -305,9 +331,9 @@ class SortedExpertsFunction(torch.autograd.Function):
                 torch.mul(g_RF, up_RF, out=dh_RF2[:, :inter]).mul_(dsilu_RF)
                 if need_gu:
                     x_RD = _gather_rows(x_TD, tok_R, x_buf)
-                    d_gate_up = chunk_matmul_tn(x_RD, dh_RF2, chunk, d_gate_up, offs)
+                    d_gate_up = chunk_matmul_tn(dh_RF2, x_RD, chunk, d_gate_up, offs)
                 if need_x:
-                    dx_RD = chunk_matmul(dh_RF2, gate_up_EDF2.transpose(1, 2), chunk, rows_of(dout_buf, rows), offs)
+                    dx_RD = chunk_matmul(dh_RF2, gate_up_EF2D.transpose(1, 2), chunk, rows_of(dout_buf, rows), offs)
                     dx_TD.index_add_(0, tok_R, dx_RD.to(acc))
         dw_TK = None
         if need_w:
@@ -315,16 +341,16 @@ class SortedExpertsFunction(torch.autograd.Function):
             dw_TK[order_S] = dw_S.to(w_TK.dtype)
             dw_TK = dw_TK.view_as(w_TK)
         if d_gate_up is not None:
-            d_gate_up = d_gate_up.to(gate_up_EDF2.dtype)
+            d_gate_up = d_gate_up.to(gate_up_EF2D.dtype)
         if d_down is not None:
-            d_down = d_down.to(down_EFD.dtype)
+            d_down = d_down.to(down_EDF.dtype)
         return dx_TD.to(dtype) if need_x else None, d_gate_up, d_down, None, dw_TK, None
 
 
 def sorted_experts_forward(
     x_TD: torch.Tensor,
-    gate_up_EDF2: torch.Tensor,
-    down_EFD: torch.Tensor,
+    gate_up_EF2D: torch.Tensor,
+    down_EDF: torch.Tensor,
     idx_TK: torch.Tensor,
     w_TK: torch.Tensor,
     driver: str = "auto",
@@ -333,8 +359,8 @@ def sorted_experts_forward(
 
     Args:
         x_TD (`torch.Tensor` of shape `(T, D)`): token hidden states.
-        gate_up_EDF2 (`torch.Tensor` of shape `(E, D, 2F)`): `[gate | up]` weights.
-        down_EFD (`torch.Tensor` of shape `(E, F, D)`): down weights.
+        gate_up_EF2D (`torch.Tensor` of shape `(E, 2F, D)`): `[gate | up]` weights, (out, in) per expert.
+        down_EDF (`torch.Tensor` of shape `(E, D, F)`): down weights, (out, in) per expert.
         idx_TK (`torch.LongTensor` of shape `(T, K)`): chosen experts; `>= E` marks an empty slot.
         w_TK (`torch.Tensor` of shape `(T, K)`): combine weights (0 at empty slots).
         driver (`str`, *optional*, defaults to `"auto"`): matmul driver, one of `MATMUL_DRIVERS`.
@@ -343,21 +369,24 @@ def sorted_experts_forward(
         raise ValueError(f"unknown matmul driver {driver!r}; choose one of {MATMUL_DRIVERS}")
     if x_TD.shape[0] == 0:
         # Keep the autograd graph connected so an empty batch still yields (zero) gradients.
-        return x_TD.new_zeros(x_TD.shape) + 0 * (x_TD.sum() + gate_up_EDF2.sum() + down_EFD.sum() + w_TK.sum())
+        return x_TD.new_zeros(x_TD.shape) + 0 * (x_TD.sum() + gate_up_EF2D.sum() + down_EDF.sum() + w_TK.sum())
     # Half precision on a CPU without native half matmul runs in fp32 (`needs_fp32_compute`); the result keeps
     # x's dtype.
     in_fp32 = driver != "grouped_mm" and needs_fp32_compute(x_TD)
     x_in, w_in = (x_TD.float(), w_TK.float()) if in_fp32 else (x_TD, w_TK)
-    if torch.is_grad_enabled() and any(t.requires_grad for t in (x_TD, gate_up_EDF2, down_EFD, w_TK)):
+    if torch.is_grad_enabled() and any(t.requires_grad for t in (x_TD, gate_up_EF2D, down_EDF, w_TK)):
         # The casts are part of the graph: parameters get their gradients in their own dtype, rounded once.
-        weights = (gate_up_EDF2.float(), down_EFD.float()) if in_fp32 else (gate_up_EDF2, down_EFD)
+        weights = (gate_up_EF2D.float(), down_EDF.float()) if in_fp32 else (gate_up_EF2D, down_EDF)
         return SortedExpertsFunction.apply(x_in, *weights, idx_TK, w_in, driver).to(x_TD.dtype)
     # Inference: no autograd node, and the gate_up output stays in chunk scratch instead of being kept. Half
     # weights stay as they are: `chunk_matmul` converts only the experts a batch uses (a decoding step touches k
-    # of E, and converting all of them would cost more than its matmuls).
-    grouped = use_grouped_mm(driver, x_in, gate_up_EDF2, down_EFD)
-    layout = _layout(idx_TK, gate_up_EDF2.shape[0], grouped)
-    return _experts_forward(x_in, gate_up_EDF2, down_EFD, w_in, layout, save_h=False)[0].to(x_TD.dtype)
+    # of E, and converting all of them would cost more than its matmuls), or reads them in half precision.
+    if in_fp32 and driver == "auto" and idx_TK.numel() <= HALF_GROUPED_MAX_ROWS_PER_EXPERT * gate_up_EF2D.shape[0]:
+        if grouped_mm_can_run(x_TD, gate_up_EF2D, down_EDF):
+            x_in, w_in, driver = x_TD, w_TK, "grouped_mm"
+    grouped = use_grouped_mm(driver, x_in, gate_up_EF2D, down_EDF)
+    layout = _layout(idx_TK, gate_up_EF2D.shape[0], grouped)
+    return _experts_forward(x_in, gate_up_EF2D, down_EDF, w_in, layout, save_h=False)[0].to(x_TD.dtype)
 
 
 def cpu_backend_available(x: torch.Tensor) -> bool:

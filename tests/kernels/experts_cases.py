@@ -13,8 +13,8 @@ def make_case(tokens, hidden, inter, experts, top_k, dtype=torch.float64, routin
     """
     gen = torch.Generator().manual_seed(seed)
     x = torch.randn(tokens, hidden, generator=gen, dtype=torch.float64)
-    gate_up = torch.randn(experts, hidden, 2 * inter, generator=gen, dtype=torch.float64) / hidden**0.5
-    down = torch.randn(experts, inter, hidden, generator=gen, dtype=torch.float64) / inter**0.5
+    gate_up = torch.randn(experts, 2 * inter, hidden, generator=gen, dtype=torch.float64) / hidden**0.5
+    down = torch.randn(experts, hidden, inter, generator=gen, dtype=torch.float64) / inter**0.5
     scores = torch.rand(tokens, experts, generator=gen, dtype=torch.float64)
     if routing == "skewed":
         scores[:, :2] += 10.0 * (torch.rand(tokens, 1, generator=gen, dtype=torch.float64) < 0.9)

@@ -5,10 +5,12 @@ k from 1 to E, odd widths, an empty batch and a call where no slot has an expert
 
 import pytest
 import torch
+import torch.nn.functional as F
 from experts_cases import assert_matches, make_case, run_with_grads
 
 from modeling_ernie5.kernels import cpu as cpu_kernels
 from modeling_ernie5.kernels.cpu import (
+    HALF_DOT_MAX_ROWS,
     chunk_matmul,
     chunk_matmul_tn,
     plan_chunks,
@@ -93,6 +95,24 @@ def test_bfloat16_close_to_float32_reference(monkeypatch, fp32_compute, routing)
         assert rel < 3e-2, f"{name}: relative max error {rel:.3g}"
 
 
+@pytest.mark.parametrize("tokens", [3, 40])
+def test_half_inference_picks_its_path_by_rows_per_expert(monkeypatch, tokens):
+    # On a CPU without native bf16 matmul, decoding-sized batches (<= 4 rows per expert) stay in bf16 through one
+    # F.grouped_mm; larger ones take the fp32-compute loop. Both agree with the fp32 reference.
+    monkeypatch.setattr(cpu_kernels, "needs_fp32_compute", lambda x: True)
+    calls = []
+    real = F.grouped_mm
+    monkeypatch.setattr(cpu_kernels.F, "grouped_mm", lambda *a, **k: calls.append(a[0].dtype) or real(*a, **k))
+    x, gate_up, down, idx, w, _ = make_case(tokens, 64, 32, 8, 2, dtype=torch.float32, seed=5)
+    want = reference_experts_forward(x, gate_up, down, idx, w)
+    with torch.no_grad():
+        got = sorted_experts_forward(*(t.bfloat16() for t in (x, gate_up, down)), idx, w.bfloat16())
+    small = tokens * 2 <= cpu_kernels.HALF_GROUPED_MAX_ROWS_PER_EXPERT * 8
+    assert calls == ([torch.bfloat16, torch.bfloat16] if small else [])
+    assert got.dtype == torch.bfloat16
+    assert ((got.float() - want).abs().max() / want.abs().max()).item() < 3e-2
+
+
 def test_fp32_compute_only_for_half_precision_on_cpu():
     assert not cpu_kernels.needs_fp32_compute(torch.zeros(2, dtype=torch.float32))
     assert not cpu_kernels.needs_fp32_compute(torch.zeros(2, dtype=torch.float64))
@@ -115,10 +135,10 @@ def test_chunk_matmuls_agree_with_a_per_expert_loop():
     idx = torch.randint(0, 5, (23, 2), generator=gen)
     groups = group_by_expert(idx, 6)  # expert 5 never chosen
     a = torch.randn(groups.num_valid, 16, generator=gen)
-    b = torch.randn(6, 16, 8, generator=gen)
+    b = torch.randn(6, 8, 16, generator=gen)  # (out, in) per expert, as F.linear
     c = torch.randn(groups.num_valid, 8, generator=gen)
     bounds = list(zip((groups.offsets_E - groups.counts_E).tolist(), groups.offsets_E.tolist()))
-    want = torch.cat([a[s:e] @ b[i] for i, (s, e) in enumerate(bounds)])
+    want = torch.cat([a[s:e] @ b[i].t() for i, (s, e) in enumerate(bounds)])
     want_tn = torch.stack([a[s:e].t() @ c[s:e] for s, e in bounds])
     counts = groups.counts_E.tolist()
     # grouped_mm: one chunk of every row
@@ -135,6 +155,16 @@ def test_chunk_matmuls_agree_with_a_per_expert_loop():
     torch.testing.assert_close(out, want)
     torch.testing.assert_close(out_tn, want_tn)
     assert torch.all(want_tn[5] == 0)
+    # Half weights with fp32 rows (the fp32-compute inference path): experts with few rows go through F.linear on
+    # the bf16 weight, the others through a converted copy; both agree with the fp32 product to bf16 precision.
+    half_counts = [2, HALF_DOT_MAX_ROWS + 3, 0, 1]
+    (chunk,) = plan_chunks(half_counts, None)
+    rows = a[: sum(half_counts)]
+    out = torch.full((rows.shape[0], 8), float("nan"))
+    chunk_matmul(rows, b[:4].bfloat16(), chunk, out)
+    ends = torch.tensor(half_counts).cumsum(0).tolist()
+    want = torch.cat([rows[e - n : e] @ b[i].bfloat16().float().t() for i, (n, e) in enumerate(zip(half_counts, ends))])
+    torch.testing.assert_close(out, want, rtol=2e-2, atol=2e-2)
 
 
 def test_chunks_hold_whole_experts_and_skip_empty_ones():
@@ -162,7 +192,7 @@ def test_many_small_chunks_match_reference(routing, monkeypatch):
 
 
 def test_matmul_driver_choice():
-    x, gate_up, down = torch.zeros(8, 32), torch.zeros(8, 32, 32), torch.zeros(8, 16, 32)
+    x, gate_up, down = torch.zeros(8, 32), torch.zeros(8, 32, 32), torch.zeros(8, 32, 16)
     assert not use_grouped_mm("auto", x, gate_up, down)  # on CPU the chunked loop is faster
     assert use_grouped_mm("grouped_mm", x, gate_up, down)
     assert not use_grouped_mm("loop", x, gate_up, down)

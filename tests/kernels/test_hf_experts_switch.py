@@ -14,7 +14,7 @@ HF_IMPLEMENTATIONS = ["eager", "grouped_mm", "batched_mm", "ernie5_cpu", "ernie5
 
 
 def _experts(impl, gate_up, down):
-    config = Ernie5Config(hidden_size=gate_up.shape[1], moe_intermediate_size=down.shape[1], num_experts=gate_up.shape[0])
+    config = Ernie5Config(hidden_size=gate_up.shape[2], moe_intermediate_size=down.shape[2], num_experts=gate_up.shape[0])
     config._experts_implementation = impl
     experts = Ernie5Experts(config).to(gate_up.dtype)
     return experts

@@ -212,9 +212,9 @@ def naive_moe(block: Ernie5SparseMoeBlock, x_TD):
         chosen = scores[t].topk(k).indices
         w = probs[t, chosen] / probs[t, chosen].sum()
         for e, we in zip(chosen.tolist(), w):
-            gu = x_TD[t] @ block.experts.gate_up_proj[e]
+            gu = block.experts.gate_up_proj[e] @ x_TD[t]  # (2F, D) weights, (out, in) like nn.Linear
             g, u = gu.chunk(2)
-            out[t] += we * ((torch.nn.functional.silu(g) * u) @ block.experts.down_proj[e])
+            out[t] += we * (block.experts.down_proj[e] @ (torch.nn.functional.silu(g) * u))
     return out + block.shared_experts(x_TD)
 
 
@@ -328,7 +328,7 @@ def test_router_and_bias_stay_fp32_in_bf16_models(tmp_path):
 def test_sentinel_slots_and_per_token_topk_in_the_reference():
     torch.manual_seed(0)
     x = torch.randn(4, 6)
-    gu, dn = torch.randn(3, 6, 8), torch.randn(3, 4, 6)
+    gu, dn = torch.randn(3, 8, 6), torch.randn(3, 6, 4)  # (out, in) per expert
     idx = torch.tensor([[0, 3], [1, 2], [3, 3], [2, 0]])
     w = torch.tensor([[1.0, 0.0], [0.5, 0.5], [0.0, 0.0], [0.3, 0.7]])
     out = reference_experts_forward(x, gu, dn, idx, w)
@@ -445,6 +445,12 @@ def test_save_and_load_roundtrip(tmp_path):
     assert torch.all(loaded.model.layers[0].mlp.gate.e_score_correction_bias == 0.01)
     backbone = AutoModel.from_pretrained(tmp_path)
     assert isinstance(backbone, Ernie5Model)
+    # A checkpoint from before the (E, out, in) expert layout is refused, not loaded with transposed experts.
+    assert cfg["expert_weight_layout"] == "out_in"
+    del cfg["expert_weight_layout"]
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ValueError, match="saved before the expert weights moved to the \\(E, out, in\\) layout"):
+        AutoModelForCausalLM.from_pretrained(tmp_path)
 
 
 def test_sequence_classification_head_reads_the_last_real_token(tmp_path):

@@ -26,7 +26,7 @@ def triton_available(x: torch.Tensor) -> bool:
     return x.is_cuda and x.dtype in SUPPORTED_DTYPES and importlib.util.find_spec("triton") is not None
 
 
-def triton_experts_forward(x_TD, gate_up_EDF2, down_EFD, idx_TK, w_TK):
+def triton_experts_forward(x_TD, gate_up_EF2D, down_EDF, idx_TK, w_TK):
     """Experts back-end `"triton"`: same contract as `modeling_ernie5.moe.reference_experts_forward`."""
     if importlib.util.find_spec("triton") is None:
         raise ValueError("the 'triton' experts back-end needs the `triton` package (pip install 'ernie5[triton]')")
@@ -42,4 +42,4 @@ def triton_experts_forward(x_TD, gate_up_EDF2, down_EFD, idx_TK, w_TK):
         raise ValueError(f"the 'triton' experts back-end does not support {x_TD.dtype}")
     from .functions import triton_experts_forward as run
 
-    return run(x_TD, gate_up_EDF2, down_EFD, idx_TK, w_TK)
+    return run(x_TD, gate_up_EF2D, down_EDF, idx_TK, w_TK)

@@ -2,8 +2,9 @@
 
 One `autograd.Function` for the whole expert computation: routing prep once (`..routing.group_by_expert` plus
 the M-block layout), then forward = fused gather + gate_up GEMM + SwiGLU + combine weight, down GEMM,
-un-permute-sum; backward = gathered dY @ Wd^T, fused SwiGLU backward (which also yields the combine-weight
-gradient), the two weight-gradient grouped A^T B kernels, dh @ Wgu^T and un-permute-sum. It calls only the
+un-permute-sum; backward = gathered dY @ Wd, fused SwiGLU backward (which also yields the combine-weight
+gradient), the two weight-gradient grouped A^T B kernels, dh @ Wgu and un-permute-sum (weights (out, in) per
+expert, so the forward multiplies by their transposes and the backward by the weights as stored). It calls only the
 launchers of `ops.py`. Saved for backward: x, the weights, the pre-activation h (S, 2F) and the routing layout.
 
 Nothing on this path waits for the device (no `.item()`, no data-dependent shapes): buffers are sized for all T*K
@@ -24,9 +25,9 @@ from . import ops
 
 class TritonExpertsFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x_TD, gate_up_EDF2, down_EFD, idx_TK, w_TK, store_h):
+    def forward(ctx, x_TD, gate_up_EF2D, down_EDF, idx_TK, w_TK, store_h):
         num_tokens, top_k = idx_TK.shape
-        num_experts = gate_up_EDF2.shape[0]
+        num_experts = gate_up_EF2D.shape[0]
         groups = group_by_expert(idx_TK, num_experts)
         # Buffers hold all T*K pairs, so nothing waits for the device to say how many are routed: sentinel pairs
         # sort to the tail, no M-block covers them and their rows are never read.
@@ -38,20 +39,21 @@ class TritonExpertsFunction(torch.autograd.Function):
         w_S = w_TK.reshape(-1).index_select(0, order_S).to(x_TD.dtype).contiguous()
         block_m = ops.pick_block_m(num_rows, num_experts)
         layout = (*ops.block_layout(groups.counts_E, groups.offsets_E, block_m, num_rows), block_m)
+        # The weights are (out, in) per expert; the GEMMs take B as (E, in, out), i.e. their transposed views.
         a_SF, h_SF2 = ops.grouped_gemm(
-            x_TD, gate_up_EDF2, layout, num_rows, gather=token_S, swiglu=True, w_S=w_S, store_h=store_h
+            x_TD, gate_up_EF2D.transpose(1, 2), layout, num_rows, gather=token_S, swiglu=True, w_S=w_S, store_h=store_h
         )
-        y_SD, _ = ops.grouped_gemm(a_SF, down_EFD, layout, num_rows)
+        y_SD, _ = ops.grouped_gemm(a_SF, down_EDF.transpose(1, 2), layout, num_rows)
         del a_SF
         out_TD = ops.unpermute_sum(y_SD, pos_TK, x_TD.dtype)
-        ctx.save_for_backward(x_TD, gate_up_EDF2, down_EFD, w_TK, h_SF2, w_S, token_S, order_S, pos_TK,
+        ctx.save_for_backward(x_TD, gate_up_EF2D, down_EDF, w_TK, h_SF2, w_S, token_S, order_S, pos_TK,
                               groups.counts_E, groups.offsets_E, *layout[:3])
         ctx.block_m = block_m
         return out_TD
 
     @staticmethod
     def backward(ctx, dout_TD):
-        (x_TD, gate_up_EDF2, down_EFD, w_TK, h_SF2, w_S, token_S, order_S, pos_TK,
+        (x_TD, gate_up_EF2D, down_EDF, w_TK, h_SF2, w_S, token_S, order_S, pos_TK,
          counts_E, offsets_E, *layout) = ctx.saved_tensors
         if h_SF2 is None:
             raise RuntimeError("the Triton experts forward ran without storing activations (no grad was needed)")
@@ -59,19 +61,23 @@ class TritonExpertsFunction(torch.autograd.Function):
         num_rows = token_S.shape[0]
         need_x, need_gu, need_down, _, need_w = ctx.needs_input_grad[:5]
         dout_TD = dout_TD.contiguous().to(x_TD.dtype)  # also densifies broadcast gradients from `.sum()`
-        g_SF, _ = ops.grouped_gemm(dout_TD, down_EFD.transpose(1, 2), layout, num_rows, gather=token_S)
+        g_SF, _ = ops.grouped_gemm(dout_TD, down_EDF, layout, num_rows, gather=token_S)  # dY W_down
         dh_SF2, aw_SF, dw_S = ops.swiglu_backward(g_SF, h_SF2, w_S, offsets_E[-1:])
         del g_SF
-        d_down = ops.grouped_gemm_tn(aw_SF, dout_TD, counts_E, offsets_E, down_EFD.dtype, b_gather=token_S) if need_down else None
+        d_down = (
+            ops.grouped_gemm_tn(dout_TD, aw_SF, counts_E, offsets_E, down_EDF.dtype, a_gather=token_S)
+            if need_down
+            else None
+        )
         del aw_SF
         d_gate_up = (
-            ops.grouped_gemm_tn(x_TD, dh_SF2, counts_E, offsets_E, gate_up_EDF2.dtype, a_gather=token_S)
+            ops.grouped_gemm_tn(dh_SF2, x_TD, counts_E, offsets_E, gate_up_EF2D.dtype, b_gather=token_S)
             if need_gu
             else None
         )
         dx_TD = None
         if need_x:
-            dx_SD, _ = ops.grouped_gemm(dh_SF2, gate_up_EDF2.transpose(1, 2), layout, num_rows)
+            dx_SD, _ = ops.grouped_gemm(dh_SF2, gate_up_EF2D, layout, num_rows)  # dh W_gate_up
             dx_TD = ops.unpermute_sum(dx_SD, pos_TK, x_TD.dtype)
         dw_TK = None
         if need_w:
@@ -82,14 +88,14 @@ class TritonExpertsFunction(torch.autograd.Function):
         return dx_TD, d_gate_up, d_down, None, dw_TK, None
 
 
-def triton_experts_forward(x_TD, gate_up_EDF2, down_EFD, idx_TK, w_TK):
+def triton_experts_forward(x_TD, gate_up_EF2D, down_EDF, idx_TK, w_TK):
     needs_grad = torch.is_grad_enabled() and any(
-        t.requires_grad for t in (x_TD, gate_up_EDF2, down_EFD, w_TK)
+        t.requires_grad for t in (x_TD, gate_up_EF2D, down_EDF, w_TK)
     )
-    if x_TD.shape[0] == 0 or gate_up_EDF2.shape[0] == 0:
+    if x_TD.shape[0] == 0 or gate_up_EF2D.shape[0] == 0:
         # No tokens or no experts (known on the host): a zero output that still connects every input to the graph.
         # Batches whose slots are all sentinels take the normal path, which yields zeros without a host sync.
-        return x_TD.new_zeros(x_TD.shape) + 0 * (x_TD.sum() + gate_up_EDF2.sum() + down_EFD.sum() + w_TK.sum())
+        return x_TD.new_zeros(x_TD.shape) + 0 * (x_TD.sum() + gate_up_EF2D.sum() + down_EDF.sum() + w_TK.sum())
     return TritonExpertsFunction.apply(
-        x_TD.contiguous(), gate_up_EDF2, down_EFD, idx_TK, w_TK, needs_grad
+        x_TD.contiguous(), gate_up_EF2D, down_EDF, idx_TK, w_TK, needs_grad
     )

@@ -5,12 +5,12 @@ expert a contiguous run of rows. The kernels never materialise a permuted copy o
 
 - `grouped_gemm`: C[r] = A[gather[r] or r] @ B[expert(r)] over M-blocks that each belong to one expert
   (vLLM-style block metadata; only the block *indices* are padded, never the data). The gather (permute) is fused
-  into the A load; B may be any strided view, so the backward uses transposed weights without copies. With
+  into the A load; B may be any strided view, so the (out, in) weights enter the forward transposed without copies. With
   `swiglu=True` one launch computes both the gate and the up tile and writes `silu(gate) * up * w` (the
   combine weight applied in the epilogue) plus, for training, the pre-activation `h`.
 - `grouped_gemm_tn`: per-expert C[e] = A[rows_e]^T @ B[rows_e] with either side gathered (weight gradients,
   ScatterMoE's `groupXtY`).
-- `swiglu_backward`: from g = dY_s Wd^T and h, writes dh (weighted), the weighted activation for dWd and the
+- `swiglu_backward`: from g = dY_s Wd and h, writes dh (weighted), the weighted activation for dWd and the
   combine-weight gradient <g, silu(gate) * up> in one pass.
 - `unpermute_sum`: out[t] = sum_k Y[pos[t, k]], a deterministic gather-reduce instead of atomic scatter-adds.
 
@@ -343,7 +343,7 @@ def _swiglu_backward_kernel(
 
 
 def swiglu_backward(g_SF: torch.Tensor, h_SF2: torch.Tensor, w_S: torch.Tensor, num_valid: torch.Tensor):
-    """From g = dY_s Wd^T (unweighted) and the pre-activation h = [gate | up]: returns
+    """From g = dY_s Wd (unweighted) and the pre-activation h = [gate | up]: returns
     `(dh_SF2, aw_SF, dw_S)` with dh the gradient of h (combine weight applied), aw = w * silu(gate) * up (the left
     operand of dWd) and dw the combine-weight gradient <g, silu(gate) * up> (in the accumulation dtype).
     Only the first `num_valid` rows (a one-element device tensor) are computed; later rows are left unwritten."""
