@@ -57,8 +57,8 @@ MATMUL_DRIVERS = ("auto", "grouped_mm", "loop")
 HALF_DOT_MAX_ROWS = 4
 # Half-precision inference on such a CPU with at most this many (token, slot) rows per expert (decoding, small
 # batches) stays in half precision and runs through one `F.grouped_mm`, whose per-expert products use the same dot
-# kernel and whose expert loop is in C++ (8 x 512x512 + 8 x 512x256 bf16 experts, 2 threads: 0.95 vs 1.18 ms at
-# 1 token, 15.9 vs 22.3 ms at 32 tokens = 4 rows per expert; at 6 rows per expert converting is faster).
+# kernel and whose expert loop is in C++ (64 experts of 512x512 + 512x256 in bf16, top-8, 2 threads: 0.94-0.95 vs
+# 1.06-1.18 ms at 1 token, 15.9 vs 22.3 ms at 32 tokens = 4 rows per expert; at 6 rows per expert converting wins).
 HALF_GROUPED_MAX_ROWS_PER_EXPERT = 4
 # Rows per chunk of the CPU loop. Chunks of 256..1024 rows measured within noise of each other at T=512 and
 # T=4096; 128 was ~8% slower (per-op overhead), and one unchunked pass loses the cache reuse.
