@@ -16,15 +16,15 @@ from transformers import PretrainedConfig
 
 from .configuration_ernie5_vision import Ernie5VisionConfig
 
-# Presets. `tiny` is the shape used by tests and the demo; `ablation-3b` is the paper's small ablation model
-# (ERNIE 5.0 §6.4.2: 16 layers, 64 experts, top-8, about 454M active / 3.2B total). The report gives no
-# hidden or expert sizes; the values below were chosen so the parameter counts (embeddings excluded, the
-# usual convention) land on the reported ones: 3.26B total, 444M active (see `elastic.parameter_counts`).
 # How `experts.gate_up_proj` / `experts.down_proj` are stored: (E, out, in), like `nn.Linear` and transformers' MoE
 # models. Written to every config.json; checkpoints saved before the field existed hold (E, in, out) and are refused
 # with instructions instead of loading transposed weights silently (their shapes coincide whenever D == 2F).
 EXPERT_WEIGHT_LAYOUT = "out_in"
 
+# Presets. `tiny` is the shape used by tests and the demo; `ablation-3b` is the paper's small ablation model
+# (ERNIE 5.0 §6.4.2: 16 layers, 64 experts, top-8, about 454M active / 3.2B total). The report gives no
+# hidden or expert sizes; the values below were chosen so the parameter counts (embeddings excluded, the
+# usual convention) land on the reported ones: 3.26B total, 444M active (see `elastic.parameter_counts`).
 PRESETS: dict[str, dict[str, Any]] = {
     "tiny": {},
     "ablation-3b": dict(
