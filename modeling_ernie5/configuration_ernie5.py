@@ -342,9 +342,9 @@ class Ernie5Config(PretrainedConfig):
         if "expert_weight_layout" not in config_dict:
             raise ValueError(
                 "this ernie5 config.json has no 'expert_weight_layout': it was saved before the expert weights moved "
-                "to the (E, out, in) layout and its experts.gate_up_proj / experts.down_proj are (E, in, out). Load "
-                "it with trust_remote_code=True (the code saved next to it), or transpose those two tensors' last two "
-                f"dimensions and add \"expert_weight_layout\": \"{EXPERT_WEIGHT_LAYOUT}\" to config.json"
+                "to the (E, out, in) layout and its experts.gate_up_proj / experts.down_proj are (E, in, out). Convert "
+                "it with `python -m modeling_ernie5.convert_expert_layout OLD_DIR NEW_DIR`, or load it with "
+                "trust_remote_code=True (the code saved next to it)"
             )
         return super().from_dict(config_dict, **kwargs)
 

@@ -453,6 +453,39 @@ def test_save_and_load_roundtrip(tmp_path):
         AutoModelForCausalLM.from_pretrained(tmp_path)
 
 
+def test_checkpoint_from_before_the_expert_layout_change_converts(tmp_path):
+    from safetensors.torch import load_file, save_file
+    from transformers import AutoModelForCausalLM
+
+    from modeling_ernie5.convert_expert_layout import convert
+
+    model = tiny_model(num_nextn_predict_layers=1)  # MTP blocks hold experts too
+    model.save_pretrained(tmp_path / "new")
+    # Rewrite it as the previous format stored it: experts (E, in, out) and no layout field.
+    old = tmp_path / "old"
+    old.mkdir()
+    state = load_file(tmp_path / "new" / "model.safetensors")
+    experts = [k for k in state if k.endswith((".experts.gate_up_proj", ".experts.down_proj"))]
+    assert len(experts) == 2 * (model.config.num_hidden_layers + 1)
+    transposed = {k: (v.transpose(1, 2).contiguous() if k in experts else v) for k, v in state.items()}
+    save_file(transposed, old / "model.safetensors", metadata={"format": "pt"})
+    cfg = json.loads((tmp_path / "new" / "config.json").read_text())
+    del cfg["expert_weight_layout"]
+    (old / "config.json").write_text(json.dumps(cfg))
+    (old / "tokenizer.json").write_text("{}")
+    with pytest.raises(ValueError, match="convert_expert_layout"):
+        AutoModelForCausalLM.from_pretrained(old)
+    convert(old, tmp_path / "converted")
+    assert (tmp_path / "converted" / "tokenizer.json").exists()
+    assert (tmp_path / "converted" / "modeling_ernie5.py").exists()  # fresh remote code
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "converted").eval()
+    x = ids(2, 7)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x).logits, model(x).logits)
+    with pytest.raises(ValueError, match="already records expert_weight_layout"):
+        convert(tmp_path / "converted", tmp_path / "again")
+
+
 def test_sequence_classification_head_reads_the_last_real_token(tmp_path):
     from transformers import AutoModelForSequenceClassification
 
