@@ -225,6 +225,38 @@ def copy_bandwidth(device, measure, smoke) -> float:
     return 2 * n * 4 / t
 
 
+def layout_comparison(device, measure, smoke, iters, warmup) -> dict:
+    """The experts' forward GEMMs (fused gather + gate_up + SwiGLU, then down) with the weights stored (E, in, out),
+    as in the H200 runs of the 5th session, against (E, out, in) read through a transposed view, as now. Each
+    layout is autotuned for itself (the autotuner's key does not include strides, so its cache is cleared)."""
+    from modeling_ernie5.kernels.triton import ops
+
+    name, tokens = SMOKE_POINTS[0] if smoke else ("ernie4.5-21b-a3b", 16384)
+    hidden, inter, experts, top_k = DIMS[name]
+    x, gate_up, down, idx, w, _ = make_inputs(tokens, hidden, inter, experts, top_k, torch.bfloat16, device)
+    groups = group_by_expert(idx, experts)
+    rows = tokens * top_k
+    w_S = w.reshape(-1).index_select(0, groups.order_S).contiguous()
+    block_m = ops.pick_block_m(rows, experts)
+    layout = (*ops.block_layout(groups.counts_E, groups.offsets_E, block_m, rows), block_m)
+    out = {"shape": name, "tokens": tokens}
+    variants = {
+        "E_in_out_contiguous": (gate_up.transpose(1, 2).contiguous(), down.transpose(1, 2).contiguous()),
+        "E_out_in_transposed_view": (gate_up.transpose(1, 2), down.transpose(1, 2)),
+    }
+    for label, (gate_up_B, down_B) in variants.items():
+        for tuned in (ops._grouped_gemm_tuned, ops._grouped_gemm_swiglu_tuned):
+            tuned.cache.clear()
+
+        def forward(gu=gate_up_B, dn=down_B):
+            a, _ = ops.grouped_gemm(x, gu, layout, rows, gather=groups.token_S, swiglu=True, w_S=w_S)
+            ops.grouped_gemm(a, dn, layout, rows)
+
+        out[f"{label}_fwd_ms"] = measure(forward, iters, warmup) * 1e3
+    out["new_over_old"] = out["E_out_in_transposed_view_fwd_ms"] / out["E_in_out_contiguous_fwd_ms"]
+    return out
+
+
 def hf_experts(impl, gate_up, down):
     """transformers' Qwen3-MoE experts module holding our weights (the same (E, out, in) layout)."""
     from transformers import Qwen3MoeConfig
@@ -480,14 +512,20 @@ def main(argv=None) -> int:
     report["dense_bf16_tflops"] = dense / 1e12
     report["copy_bandwidth_gbs"] = bandwidth / 1e9
     print(f"dense bf16 matmul: {dense / 1e12:.1f} TFLOP/s, copy bandwidth {bandwidth / 1e9:.0f} GB/s", flush=True)
+    iters = args.iters or (2 if args.smoke else 10 if args.quick else 25)
+    warmup = 1 if args.smoke else 3
+    try:
+        report["layout"] = layout_comparison(device, measure, args.smoke, iters, warmup)
+        print("forward GEMMs by weight layout (ms):", json.dumps(report["layout"]), flush=True)
+    except Exception as exc:  # a diagnostic; never worth losing the timings below
+        report["layout"] = {"error": f"{type(exc).__name__}: {exc}"[:300]}
+        traceback.print_exc()
     points = SMOKE_POINTS if args.smoke else QUICK_POINTS if args.quick else POINTS
     if args.points:
         points = [(spec.rsplit(":", 1)[0], int(spec.rsplit(":", 1)[1])) for spec in args.points]
         unknown = [n for n, _ in points if n not in DIMS]
         if unknown:
             parser.error(f"unknown shape(s) {unknown}; known: {list(DIMS)}")
-    iters = args.iters or (2 if args.smoke else 10 if args.quick else 25)
-    warmup = 1 if args.smoke else 3
     report["points"] = []
     report["skipped_points"] = []
     for name, tokens in points:

@@ -25,4 +25,5 @@ def test_gpu_script_smoke_run_under_the_interpreter(tmp_path):
     assert report["correctness_failures"] == []
     assert report["launchers"] and all(err < 1e-3 for err in report["launchers"].values())
     assert report["points"], "no timing point was written"
+    assert report["layout"]["new_over_old"] > 0, report["layout"]  # both weight layouts ran
     assert out.with_suffix(".png").stat().st_size > 0, "no plot was drawn"
