@@ -26,11 +26,28 @@ def causal_allowed(batch: int, q_len: int, past_len: int, device) -> torch.Tenso
     return (k_pos[None, :] <= q_pos[:, None]).expand(batch, -1, -1)
 
 
-def padded_causal_allowed(attention_mask: torch.Tensor | None, batch: int, q_len: int, past_len: int, device):
-    """(B, Q, past+Q) boolean: causal, and never onto a key that the (B, past+Q) padding mask marks 0."""
+def packed_sequence_ids(position_ids_BL: torch.Tensor) -> torch.Tensor | None:
+    """(B, L) index of the packed sequence each token belongs to, or None when no row holds more than one.
+
+    Padding-free batches (TRL's packing) concatenate sequences into one row without an attention mask; their
+    positions restart at every sequence (or jump, for a split one), and a new sequence begins wherever the
+    position does not follow the previous one by exactly 1."""
+    steps = position_ids_BL.diff(dim=-1)
+    if bool((steps == 1).all()):
+        return None
+    starts = torch.nn.functional.pad(steps != 1, (1, 0), value=False)
+    return starts.long().cumsum(-1)
+
+
+def padded_causal_allowed(attention_mask: torch.Tensor | None, batch: int, q_len: int, past_len: int, device,
+                          sequence_ids: torch.Tensor | None = None):  # fmt: skip
+    """(B, Q, past+Q) boolean: causal, never onto a key that the (B, past+Q) padding mask marks 0, and, for packed
+    rows (`sequence_ids`, no cache), never across the sequences of a row."""
     allowed = causal_allowed(batch, q_len, past_len, device)
     if attention_mask is not None:
         allowed = allowed & attention_mask[:, -(past_len + q_len) :].to(torch.bool)[:, None, :]
+    if sequence_ids is not None:
+        allowed = allowed & (sequence_ids[:, :, None] == sequence_ids[:, None, :])
     return allowed
 
 
@@ -42,6 +59,7 @@ def build_attention_mask(
     dtype: torch.dtype,
     device,
     need_explicit: bool,
+    sequence_ids: torch.Tensor | None = None,
 ) -> torch.Tensor | None:
     """Turn the user's mask into the additive (B, 1, Q, K) form the attention kernels take.
 
@@ -55,9 +73,9 @@ def build_attention_mask(
             return to_additive(attention_mask[:, 0], dtype)
         return attention_mask.to(dtype)
     has_padding = attention_mask is not None and not bool(attention_mask.all())
-    if not (need_explicit or has_padding or (past_len > 0 and q_len > 1)):
+    if not (need_explicit or has_padding or sequence_ids is not None or (past_len > 0 and q_len > 1)):
         return None
-    return to_additive(padded_causal_allowed(attention_mask, batch, q_len, past_len, device), dtype)
+    return to_additive(padded_causal_allowed(attention_mask, batch, q_len, past_len, device, sequence_ids), dtype)
 
 
 def _allowed_from_4d(mask_B1QK: torch.Tensor) -> torch.Tensor:
@@ -88,15 +106,17 @@ def to_block_mask(allowed_BQK: torch.Tensor):
 
 
 def mask_for_attention(implementation: str | None, attention_mask: torch.Tensor | None, batch: int, q_len: int,
-                       past_len: int, dtype: torch.dtype, device):  # fmt: skip
+                       past_len: int, dtype: torch.dtype, device, sequence_ids: torch.Tensor | None = None):  # fmt: skip
     """The attention mask in the form the kernel `implementation` (`config._attn_implementation`) takes.
 
     - flash attention (any implementation named "*flash*"): the (B, past+Q) padding mask, or None without padding;
-      the kernel applies causality itself. It cannot express a 4D mask (the scale-wise block-causal mask of image
+      the kernel applies causality itself, and finds packed sequences from the `position_ids` / `cu_seq_lens_*`
+      the model passes it. It cannot express a 4D mask (the scale-wise block-causal mask of image
       generation), so one raises a ValueError naming the alternatives.
     - `"flex_attention"`: a `BlockMask` of the same rule as the additive mask.
     - anything else (eager, SDPA, custom kernels): `build_attention_mask`'s additive mask, or None where plain
       causal attention suffices and the kernel is known to apply it itself (eager and SDPA).
+    `sequence_ids` (`packed_sequence_ids`) keeps the sequences of a packed row apart in the mask forms.
     """
     if implementation is not None and "flash" in implementation:
         if attention_mask is not None and attention_mask.dim() == 4:
@@ -110,10 +130,11 @@ def mask_for_attention(implementation: str | None, attention_mask: torch.Tensor 
     if implementation == "flex_attention":
         if attention_mask is not None and attention_mask.dim() == 4:
             return to_block_mask(_allowed_from_4d(attention_mask))
-        return to_block_mask(padded_causal_allowed(attention_mask, batch, q_len, past_len, device))
+        return to_block_mask(padded_causal_allowed(attention_mask, batch, q_len, past_len, device, sequence_ids))
     return build_attention_mask(
-        attention_mask, batch, q_len, past_len, dtype, device, need_explicit=implementation not in ("sdpa", "eager", None)
-    )
+        attention_mask, batch, q_len, past_len, dtype, device, need_explicit=implementation not in ("sdpa", "eager", None),
+        sequence_ids=sequence_ids,
+    )  # fmt: skip
 
 
 def build_block_causal_mask(
@@ -137,6 +158,7 @@ __all__ = [
     "build_block_causal_mask",
     "causal_allowed",
     "mask_for_attention",
+    "packed_sequence_ids",
     "to_additive",
     "to_block_mask",
 ]

@@ -29,7 +29,7 @@ from transformers.utils.output_capturing import OutputRecorder, capture_outputs
 from .configuration_ernie5 import Ernie5Config
 from .elastic import ElasticSpec
 from .linear_cross_entropy import linear_cross_entropy
-from .masks import mask_for_attention
+from .masks import mask_for_attention, packed_sequence_ids
 from .multimodal_layout import image_positions_and_mask
 from .moe import Ernie5Experts, Ernie5ExpertsSwitchMixin, Ernie5MLP, Ernie5SparseMoeBlock, Ernie5TopKRouter
 from .rope import Ernie5UniRotaryEmbedding, apply_rotary_pos_emb
@@ -230,6 +230,25 @@ class Ernie5ModelOutput(MoeModelOutputWithPast):
     pre_norm_hidden_state: torch.Tensor | None = None
 
 
+# Sequence boundaries of a padding-free (packed) batch that TRL's collator computes for varlen flash kernels.
+FLASH_VARLEN_KWARGS = ("cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k")
+
+
+def packed_text_sequences(position_ids: torch.Tensor | None, attention_mask: torch.Tensor | None, past_len: int):
+    """Sequence index per token when the caller packed several text sequences into each row, else None.
+
+    A padding-free batch (TRL's packing) has no attention mask and caller-given text positions (2D, or 3D with
+    t = h = w) that restart at every sequence. Derived positions, masks, caches and image layouts are never packed.
+    """
+    if position_ids is None or attention_mask is not None or past_len > 0 or position_ids.shape[-1] < 2:
+        return None
+    if position_ids.dim() == 3:
+        if position_ids.shape[0] != 3 or not bool((position_ids == position_ids[:1]).all()):
+            return None  # a misshapen one is reported by the caller's shape check
+        position_ids = position_ids[0]
+    return packed_sequence_ids(position_ids) if position_ids.dim() == 2 else None
+
+
 def text_positions(attention_mask: torch.Tensor | None, batch: int, q_len: int, past_len: int, device) -> torch.Tensor:
     """(B, Q) positions for text: count only real tokens so left padding does not shift a sequence."""
     if attention_mask is not None and attention_mask.dim() == 2:
@@ -364,6 +383,7 @@ class Ernie5Model(Ernie5PreTrainedModel):
 
         batch, q_len = inputs_embeds.shape[:2]
         past_len = cache.get_seq_length() if cache is not None else 0
+        sequence_ids = packed_text_sequences(position_ids, attention_mask, past_len)
         if position_ids is None and past_len == 0:
             # Image placeholders fix their own (t, h, w) positions and attention blocks; the backbone derives them
             # here too because TRL's loss and `generate` call it directly.
@@ -381,9 +401,14 @@ class Ernie5Model(Ernie5PreTrainedModel):
             )
         mask = mask_for_attention(
             self.config._attn_implementation, attention_mask, batch, q_len, past_len, inputs_embeds.dtype,
-            inputs_embeds.device,
+            inputs_embeds.device, sequence_ids,
         )  # fmt: skip
         cos, sin = self.rotary_emb(inputs_embeds, position_ids)
+        attn_kwargs = {}
+        if sequence_ids is not None and "flash" in (self.config._attn_implementation or ""):
+            # Flash kernels take no mask for packed rows: they cut them at these boundaries (varlen).
+            attn_kwargs = {k: kwargs[k] for k in FLASH_VARLEN_KWARGS if k in kwargs}
+            attn_kwargs["position_ids"] = position_ids[0]
 
         hidden = inputs_embeds
         all_logits, all_idx = [], []
@@ -404,6 +429,7 @@ class Ernie5Model(Ernie5PreTrainedModel):
                 top_k=spec.top_k,
                 routing_indices=replay,
                 count_load=count_load,
+                **attn_kwargs,
             )
             if layer.is_moe:
                 moe_i += 1
@@ -611,8 +637,9 @@ class Ernie5ForCausalLM(Ernie5PreTrainedModel, GenerationMixin):
         if pos.dim() == 2:
             pos = pos.unsqueeze(0).expand(3, -1, -1)
         cos, sin = self.model.rotary_emb(outputs.pre_norm_hidden_state, pos)
+        sequence_ids = packed_text_sequences(position_ids, attention_mask, 0)
         mask = mask_for_attention(
-            self.config._attn_implementation, attention_mask, batch, seq, 0, cos.dtype, input_ids.device
+            self.config._attn_implementation, attention_mask, batch, seq, 0, cos.dtype, input_ids.device, sequence_ids
         )
         hidden = outputs.pre_norm_hidden_state
         # A caller that shifted the labels itself (context parallelism) passes `shift_labels`, where position t holds
@@ -627,8 +654,16 @@ class Ernie5ForCausalLM(Ernie5PreTrainedModel, GenerationMixin):
             count_load = elastic_spec is None or elastic_spec.is_full
             hidden, normed, _ = module(hidden, self.model.embed_tokens(shifted_ids), mask, cos, sin, count_load)
             target = F.pad(labels[:, depth:], (0, depth), value=-100)
+            if sequence_ids is not None:  # packed rows: a target in the next sequence is not this one's to predict
+                # target[j] is token j+depth's label, predicted at position j-1 (the loss shifts by one).
+                later = F.pad(sequence_ids[:, depth:], (0, depth), value=-1)
+                target = target.masked_fill(later != F.pad(sequence_ids[:, :-1], (1, 0), value=-1), -100)
             if shift_labels is not None:
-                kwargs["shift_labels"] = F.pad(shift_labels[:, depth:], (0, depth), value=-100)
+                shifted = F.pad(shift_labels[:, depth:], (0, depth), value=-100)  # token t+depth+1's label at t
+                if sequence_ids is not None:
+                    later = F.pad(sequence_ids[:, depth + 1 :], (0, depth + 1), value=-1)
+                    shifted = shifted.masked_fill(later != sequence_ids, -100)
+                kwargs["shift_labels"] = shifted
             losses.append(self._logits_and_loss(normed, target, **kwargs)[1])
         if not losses:
             return torch.zeros((), device=input_ids.device)

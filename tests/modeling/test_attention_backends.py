@@ -12,10 +12,10 @@ from modeling_ernie5.masks import build_block_causal_mask, mask_for_attention
 VOCAB = 96
 
 
-def tiny_model(attn_implementation, seed=0):
+def tiny_model(attn_implementation, seed=0, **overrides):
     config = Ernie5Config.from_preset(
         "tiny", vocab_size=VOCAB, pad_token_id=0, eos_token_id=2, bos_token_id=1, experts_backend="reference",
-        attn_implementation=attn_implementation,
+        attn_implementation=attn_implementation, **overrides,
     )  # fmt: skip
     torch.manual_seed(seed)
     return Ernie5ForCausalLM(config).eval()
@@ -37,6 +37,9 @@ def flash_contract_attention(module, query, key, value, attention_mask, scaling=
     allowed = torch.ones(q_len, k_len, dtype=torch.bool).tril(k_len - q_len).expand(query.shape[0], -1, -1)
     if attention_mask is not None:
         allowed = allowed & attention_mask.bool()[:, None, :]
+    elif kwargs.get("position_ids") is not None and q_len == k_len:  # varlen: a sequence starts where positions restart
+        starts = F.pad(kwargs["position_ids"].diff(dim=-1) != 1, (1, 0), value=False).long().cumsum(-1)
+        allowed = allowed & (starts[:, :, None] == starts[:, None, :])
     additive = torch.zeros(allowed.shape).masked_fill(~allowed, torch.finfo(query.dtype).min)[:, None]
     groups = query.shape[1] // key.shape[1]
     out = F.scaled_dot_product_attention(
@@ -87,6 +90,10 @@ def test_flex_attention_matches_sdpa_with_padding_block_causal_masks_and_cache()
         torch.testing.assert_close(b, a, atol=1e-5, rtol=1e-4)
     kwargs = dict(attention_mask=mask, max_new_tokens=4, do_sample=False, pad_token_id=0)
     assert torch.equal(got.generate(ids, **kwargs), want.generate(ids, **kwargs))
+    a, b, packed, positions = packed_pair()  # padding-free packing: a BlockMask per sequence
+    with torch.no_grad():
+        torch.testing.assert_close(got(packed, position_ids=positions).logits[:, a.shape[1] :], want(b).logits,
+                                   atol=1e-5, rtol=1e-4)  # fmt: skip
 
 
 def test_flex_rejects_additive_masks_that_carry_biases():
@@ -113,3 +120,37 @@ def test_hidden_states_attentions_and_tuple_outputs_follow_transformers():
     assert torch.all(out.attentions[0][..., 0, 1:] == 0)  # causal: the first token sees only itself
     assert plain.hidden_states is None and plain.attentions is None
     assert isinstance(as_tuple, tuple) and torch.equal(as_tuple[0], plain.logits)
+
+
+def packed_pair(len_a=5, len_b=7):
+    """Two sequences packed into one row the way TRL's padding-free collator does: no mask, restarting positions."""
+    gen = torch.Generator().manual_seed(3)
+    a, b = torch.randint(3, VOCAB, (1, len_a), generator=gen), torch.randint(3, VOCAB, (1, len_b), generator=gen)
+    positions = torch.cat([torch.arange(len_a), torch.arange(len_b)])[None]
+    return a, b, torch.cat([a, b], dim=1), positions
+
+
+@pytest.mark.parametrize("implementation", ["sdpa", "eager", "ernie5_test_flash_contract"])
+def test_packed_sequences_do_not_attend_to_each_other(implementation):
+    model = tiny_model("sdpa")
+    model.config._attn_implementation = implementation  # set after construction, as above for the flash kernel
+    a, b, packed, positions = packed_pair()
+    with torch.no_grad():
+        both = model(packed, position_ids=positions).logits
+        torch.testing.assert_close(both[:, : a.shape[1]], model(a).logits, atol=1e-5, rtol=1e-4)
+        torch.testing.assert_close(both[:, a.shape[1] :], model(b).logits, atol=1e-5, rtol=1e-4)
+
+
+def test_packed_mtp_targets_stay_inside_their_sequence():
+    # TRL's collator masks each sequence's first label; with the first sequence's labels all masked, the packed
+    # row must give the second sequence's own LM and MTP losses (an MTP target across the boundary would add terms).
+    model = tiny_model("sdpa", num_nextn_predict_layers=2, router_bias_update_rate=0.0).train()
+    a, b, packed, positions = packed_pair(6, 9)
+    labels = packed.clone()
+    labels[:, : a.shape[1] + 1] = -100
+    alone_labels = b.clone()
+    alone_labels[:, 0] = -100
+    both = model(packed, position_ids=positions, labels=labels)
+    alone = model(b, labels=alone_labels)
+    torch.testing.assert_close(both.lm_loss, alone.lm_loss)
+    torch.testing.assert_close(both.mtp_loss, alone.mtp_loss)
