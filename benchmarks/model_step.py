@@ -20,6 +20,7 @@ routing is alike in distribution (near-uniform at initialisation) but not identi
 Usage:
     python benchmarks/model_step.py --quick
     python benchmarks/model_step.py --batch 4 --seq 512 --rounds 5
+    python benchmarks/model_step.py --phases decode --rounds 15 --dtype bfloat16   # decoding alone, many rounds
 
 Writes benchmarks/results/model_step.json and model_step.png and prints a ratio table.
 """
@@ -119,7 +120,11 @@ def timed(fn) -> float:
     return time.perf_counter() - start
 
 
-PHASES = {"train": ("training step", "train_step_s", "train_tokens_per_s"), "decode": ("cached decoding", "decode_s", "decode_tokens_per_s")}
+# phase: (plot title, seconds key, tokens/s key) of the report rows.
+PHASES = {
+    "train": ("training step", "train_step_s", "train_tokens_per_s"),
+    "decode": ("cached decoding", "decode_s", "decode_tokens_per_s"),
+}
 
 
 def run(args) -> dict:
@@ -181,16 +186,13 @@ def print_table(report: dict) -> None:
         f"{report['decode']['batch']}x{report['decode']['new_tokens']} new tokens (median of {report['rounds']}; "
         f"load {report['loadavg_before']:.1f}->{report['loadavg_after']:.1f})"
     )
-    heads = {"train": f"{'step ms':>10}{'train tok/s':>13}{'xHF':>7}", "decode": f"{'decode ms':>11}{'dec tok/s':>11}{'xHF':>7}"}
-    print(f"{'impl':<22}" + "".join(heads[p] for p in phases))
+    print(f"{'impl':<22}" + "".join(f"{p + ' ms':>12}{p + ' tok/s':>14}{'xHF':>7}" for p in phases))
     for name, row in report["results"].items():
-        cells = {
-            "train": f"{row.get('train_step_s', 0) * 1e3:>10.1f}{row.get('train_tokens_per_s', 0):>13.0f}"
-            f"{row.get('train_vs_hf_best', 0):>7.2f}",
-            "decode": f"{row.get('decode_s', 0) * 1e3:>11.1f}{row.get('decode_tokens_per_s', 0):>11.1f}"
-            f"{row.get('decode_vs_hf_best', 0):>7.2f}",
-        }
-        print(f"{name:<22}" + "".join(cells[p] for p in phases))
+        cells = []
+        for phase in phases:
+            _, seconds_key, rate_key = PHASES[phase]
+            cells.append(f"{row[seconds_key] * 1e3:>12.1f}{row[rate_key]:>14.1f}{row[f'{phase}_vs_hf_best']:>7.2f}")
+        print(f"{name:<22}" + "".join(cells))
 
 
 def plot(report: dict, path: Path) -> None:

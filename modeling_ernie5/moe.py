@@ -114,8 +114,8 @@ class Ernie5Experts(nn.Module):
     Two switches reach the expert compute. transformers' `config._experts_implementation` (set by
     `from_pretrained(..., experts_implementation=...)` or `model.set_experts_implementation(...)`) picks a
     function from its `ExpertsInterface`: its own `"grouped_mm"` / `"batched_mm"` or the `"ernie5_*"` names the
-    kernels package registers. `"eager"` (and `None`) runs
-    `forward` below, which asks this file's registry for `config.experts_backend` (`"auto"`: our fastest).
+    kernels package registers. `"eager"` (and `None`) runs `forward` below, which asks this file's registry for
+    `config.experts_backend` (`"auto"`: our fastest).
     """
 
     def __init__(self, config):

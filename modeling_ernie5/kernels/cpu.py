@@ -370,20 +370,22 @@ def sorted_experts_forward(
     if x_TD.shape[0] == 0:
         # Keep the autograd graph connected so an empty batch still yields (zero) gradients.
         return x_TD.new_zeros(x_TD.shape) + 0 * (x_TD.sum() + gate_up_EF2D.sum() + down_EDF.sum() + w_TK.sum())
+    needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (x_TD, gate_up_EF2D, down_EDF, w_TK))
     # Half precision on a CPU without native half matmul runs in fp32 (`needs_fp32_compute`); the result keeps
-    # x's dtype.
+    # x's dtype. The exception is inference on a decoding-sized batch, which stays in half precision through one
+    # `F.grouped_mm` (see HALF_GROUPED_MAX_ROWS_PER_EXPERT).
     in_fp32 = driver != "grouped_mm" and needs_fp32_compute(x_TD)
+    small = idx_TK.numel() <= HALF_GROUPED_MAX_ROWS_PER_EXPERT * gate_up_EF2D.shape[0]
+    if in_fp32 and not needs_grad and driver == "auto" and small and grouped_mm_can_run(x_TD, gate_up_EF2D, down_EDF):
+        in_fp32, driver = False, "grouped_mm"
     x_in, w_in = (x_TD.float(), w_TK.float()) if in_fp32 else (x_TD, w_TK)
-    if torch.is_grad_enabled() and any(t.requires_grad for t in (x_TD, gate_up_EF2D, down_EDF, w_TK)):
+    if needs_grad:
         # The casts are part of the graph: parameters get their gradients in their own dtype, rounded once.
         weights = (gate_up_EF2D.float(), down_EDF.float()) if in_fp32 else (gate_up_EF2D, down_EDF)
         return SortedExpertsFunction.apply(x_in, *weights, idx_TK, w_in, driver).to(x_TD.dtype)
     # Inference: no autograd node, and the gate_up output stays in chunk scratch instead of being kept. Half
     # weights stay as they are: `chunk_matmul` converts only the experts a batch uses (a decoding step touches k
     # of E, and converting all of them would cost more than its matmuls), or reads them in half precision.
-    if in_fp32 and driver == "auto" and idx_TK.numel() <= HALF_GROUPED_MAX_ROWS_PER_EXPERT * gate_up_EF2D.shape[0]:
-        if grouped_mm_can_run(x_TD, gate_up_EF2D, down_EDF):
-            x_in, w_in, driver = x_TD, w_TK, "grouped_mm"
     grouped = use_grouped_mm(driver, x_in, gate_up_EF2D, down_EDF)
     layout = _layout(idx_TK, gate_up_EF2D.shape[0], grouped)
     return _experts_forward(x_in, gate_up_EF2D, down_EDF, w_in, layout, save_h=False)[0].to(x_TD.dtype)
