@@ -88,3 +88,97 @@ def test_triton_all_sentinel_slots_give_zeros_without_a_special_case():
     want = run_with_grads(reference_experts_forward, x, gate_up, down, idx, w, upstream)
     assert_matches(got, want, **TOL[torch.float32])
     assert all(bool((g == 0).all()) for g in got)
+
+
+def _routing_in_pytorch(idx, w, num_experts, block_m, dtype):
+    """What `ops.sort_routing` must produce, in plain PyTorch (the earlier implementation's ops)."""
+    top_k = idx.shape[1]
+    flat = idx.reshape(-1).clamp(max=num_experts)
+    sorted_ids, order = torch.sort(flat, stable=True)
+    offsets = torch.searchsorted(sorted_ids, torch.arange(num_experts, device=idx.device), right=True)
+    counts = torch.diff(offsets, prepend=offsets.new_zeros(1))
+    pos = torch.empty_like(order)
+    pos[order] = torch.arange(order.numel(), device=idx.device)
+    pos = pos.view_as(idx).masked_fill(idx >= num_experts, -1)
+    blocks_E = (counts + block_m - 1) // block_m
+    last = blocks_E.cumsum(0)
+    expert, row, end = [], [], []
+    for e in range(num_experts):
+        for b in range(int(blocks_E[e])):
+            expert.append(e)
+            row.append(int(offsets[e] - counts[e]) + b * block_m)
+            end.append(int(offsets[e]))
+    routed = int(offsets[-1])
+    from modeling_ernie5.kernels.triton.ops import max_blocks
+
+    spare = max_blocks(idx.numel(), num_experts, block_m) - int(last[-1])
+    expert += [num_experts - 1] * spare
+    row += [routed] * spare
+    end += [routed] * spare
+    layout = [torch.tensor(v, dtype=torch.int32) for v in (expert, row, end)]
+    return order, order // top_k, pos, w.reshape(-1)[order].to(dtype), counts, offsets, layout
+
+
+@pytest.mark.parametrize("tokens,experts,top_k,routing", [
+    (37, 6, 3, "skewed"),  # empty experts, several M-blocks for the crowded ones
+    (40, 5, 2, "sentinel"),  # sentinel slots sort last and get position -1
+    (30, 40, 2, "uniform"),  # more experts than the 16-wide minimum expert block
+    (3, 3, 1, "uniform"),
+])  # fmt: skip
+def test_sort_routing_matches_pytorch(tokens, experts, top_k, routing):
+    """The two routing-prep kernels (rows: token, position, weight; layout: per-expert counts and the M-blocks, one
+    program with binary searches) give exactly what the plain PyTorch ops give, spare blocks included."""
+    from modeling_ernie5.kernels.triton import ops
+
+    _, _, _, idx, w, _ = make_case(tokens, 8, 8, experts, top_k, dtype=torch.float32, routing=routing,
+                                   seed=tokens, device=DEVICE)  # fmt: skip
+    # fp32 weights: in bf16 this would compare rounding modes (the interpreter truncates on stores).
+    got = ops.sort_routing(idx, w, experts, torch.float32)
+    block_m = got.layout[3]
+    order, token, pos, w_S, counts, offsets, layout = _routing_in_pytorch(idx, w, experts, block_m, torch.float32)
+    for name, g, want in (("order", got.order_S, order), ("token", got.token_S, token), ("pos", got.pos_TK, pos),
+                          ("w", got.w_S, w_S), ("counts", got.counts_E, counts), ("offsets", got.offsets_E, offsets),
+                          *zip(("block_expert", "block_row", "block_end"), got.layout[:3], layout)):  # fmt: skip
+        assert torch.equal(g.cpu(), want.cpu()), f"{name}: {g.tolist()} != {want.tolist()}"
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_weight_grads_through_grouped_mm_match_reference(monkeypatch, dtype):
+    """The backward's other weight-gradient GEMM (`F.grouped_mm` on the sorted rows, the gathered side copied first;
+    "auto" takes it for bf16 on Hopper): same gradients as the reference, with sentinel slots (rows past the last
+    offset, never written) and empty experts. On CPU, PyTorch's own grouped_mm runs it."""
+    from modeling_ernie5.kernels.triton import functions
+
+    monkeypatch.setattr(functions, "WEIGHT_GRAD_GEMM", "grouped_mm")
+    calls = []
+    original = functions._grouped_mm_weight_grad
+    monkeypatch.setattr(functions, "_grouped_mm_weight_grad", lambda *a, **k: calls.append(1) or original(*a, **k))
+    for routing in ("sentinel", "skewed"):
+        case = make_case(19, 32, 16, 4, 2, dtype=torch.float32, routing=routing, seed=8, device=DEVICE)
+        want = run_with_grads(reference_experts_forward, *case)
+        if dtype == torch.float32:
+            assert_matches(run_with_grads(triton_experts_forward, *case), want, **TOL[dtype])
+            continue
+        x, gate_up, down, idx, w, upstream = case
+        got = run_with_grads(triton_experts_forward, x.bfloat16(), gate_up.bfloat16(), down.bfloat16(), idx,
+                             w.bfloat16(), upstream.bfloat16())  # fmt: skip
+        for name, g, r in zip(("out", "d_x", "d_gate_up", "d_down", "d_w"), got, want):
+            rel = ((g.float() - r).abs().max() / r.abs().max()).item()
+            assert rel < 4e-2, f"{routing} {name}: relative max error {rel:.3g}"
+    assert len(calls) == 4  # two weight gradients per backward, two backwards
+
+
+def test_weight_grad_gemm_choice(monkeypatch):
+    """"auto" keeps the Triton kernel off Hopper and outside bf16 (always on CPU); a bad setting names the choices;
+    asking for grouped_mm on inputs it cannot take (misaligned rows) is refused rather than silently changed."""
+    from modeling_ernie5.kernels.triton import functions
+
+    x, gate_up, down = torch.zeros(4, 16), torch.zeros(3, 32, 16), torch.zeros(3, 16, 16)
+    assert not functions.weight_grads_by_grouped_mm(x.bfloat16(), gate_up.bfloat16(), down.bfloat16())
+    monkeypatch.setattr(functions, "WEIGHT_GRAD_GEMM", "cutlass")
+    with pytest.raises(ValueError, match="one of"):
+        functions.weight_grads_by_grouped_mm(x, gate_up, down)
+    monkeypatch.setattr(functions, "WEIGHT_GRAD_GEMM", "grouped_mm")
+    assert functions.weight_grads_by_grouped_mm(x, gate_up, down)
+    with pytest.raises(ValueError, match="aligned"):
+        functions.weight_grads_by_grouped_mm(torch.zeros(4, 15), torch.zeros(3, 32, 15), torch.zeros(3, 15, 16))

@@ -25,6 +25,7 @@ Legend: T tokens, D hidden, F expert hidden, E experts, K slots per token, S sor
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 
 import torch
 import triton
@@ -59,10 +60,10 @@ else:
     # (BLOCK_N, BLOCK_K, warps, stages); BLOCK_M comes from the routing (`pick_block_m`). The SwiGLU variant keeps
     # two accumulators, so its BLOCK_N stops at 128 (a 128 x 256 output tile per program, gate and up together).
     SWIGLU_TILES = [(64, 32, 4, 3), (128, 32, 4, 4), (128, 64, 8, 3), (64, 64, 4, 4), (128, 64, 8, 4)]
-    GEMM_TILES = SWIGLU_TILES + [(256, 64, 8, 3)]
+    GEMM_TILES = SWIGLU_TILES + [(256, 64, 8, 3), (256, 64, 8, 4)]
     TN_TILES = [
         (64, 64, 32, 4, 3), (128, 128, 32, 8, 3), (128, 64, 64, 4, 3), (128, 128, 64, 8, 4), (128, 256, 64, 8, 3),
-        (256, 128, 64, 8, 3), (128, 128, 128, 8, 3),
+        (256, 128, 64, 8, 3), (128, 128, 128, 8, 3), (128, 256, 64, 8, 4), (256, 128, 64, 8, 4),
     ]
     FIXED_GEMM_TILE = dict(BLOCK_N=64, BLOCK_K=32, num_warps=4, num_stages=3)
     FIXED_TN_TILE = dict(BLOCK_M=64, BLOCK_N=64, BLOCK_R=32, num_warps=4, num_stages=3)
@@ -154,21 +155,121 @@ def max_blocks(num_rows: int, num_experts: int, block_m: int) -> int:
     return min(triton.cdiv(num_rows, block_m) + num_experts, num_rows)
 
 
-def block_layout(counts_E: torch.Tensor, offsets_E: torch.Tensor, block_m: int, num_rows: int):
-    """M-block metadata, computed on the device without a host sync: for every block of at most `block_m` rows
-    inside one expert's run, its expert, first row and the end of that expert's run. Empty experts get no block.
-    There are `max_blocks(num_rows, E, block_m)` entries (`num_rows` bounds the routed rows); the spare ones at the
-    end have first row == end, and the kernels return at once for them."""
-    num_experts = counts_E.shape[0]
-    blocks_E = torch.div(counts_E + block_m - 1, block_m, rounding_mode="floor")
-    last_block_E = blocks_E.cumsum(0)  # one past each expert's last block
-    block = torch.arange(max_blocks(num_rows, num_experts, block_m), device=counts_E.device)
-    owner = torch.searchsorted(last_block_E, block, right=True)  # == num_experts for spare blocks
-    block_expert = owner.clamp(max=num_experts - 1)
-    local = block - (last_block_E - blocks_E)[block_expert]
-    block_end = offsets_E[block_expert]
-    block_row = torch.where(owner < num_experts, block_end - counts_E[block_expert] + local * block_m, block_end)
-    return block_expert.to(torch.int32), block_row.to(torch.int32), block_end.to(torch.int32)
+@triton.jit
+def _count_at_most(sorted_ptr, num_rows, values, search_steps):
+    # Vectorised binary search: for each value, how many of the sorted ids are <= it (searchsorted, right=True).
+    lo = tl.zeros_like(values)
+    hi = lo + num_rows
+    for _ in range(search_steps):
+        active = lo < hi
+        mid = (lo + hi) // 2
+        ids = tl.load(sorted_ptr + mid, mask=active, other=0)
+        right = active & (ids <= values)
+        lo = tl.where(right, mid + 1, lo)
+        hi = tl.where(active & ~right, mid, hi)
+    return lo
+
+
+@triton.jit
+def _route_rows_kernel(
+    order_ptr, sorted_ptr, w_ptr, token_ptr, pos_ptr, w_out_ptr, num_rows, num_experts, top_k,
+    BLOCK: tl.constexpr,
+):
+    rows = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    mask = rows < num_rows
+    slot = tl.load(order_ptr + rows, mask=mask, other=0)
+    expert = tl.load(sorted_ptr + rows, mask=mask, other=0)
+    tl.store(token_ptr + rows, slot // top_k, mask=mask)
+    # Every slot appears once in `order`, so this scatter fills the whole (T*K) position table.
+    tl.store(pos_ptr + slot, tl.where(expert < num_experts, rows.to(tl.int64), -1), mask=mask)
+    w = tl.load(w_ptr + slot, mask=mask, other=0.0)
+    tl.store(w_out_ptr + rows, w.to(w_out_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _block_layout_kernel(
+    sorted_ptr, offsets_ptr, counts_ptr, block_expert_ptr, block_row_ptr, block_end_ptr,
+    num_rows, num_experts, num_blocks, search_steps,
+    BLOCK_M: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_B: tl.constexpr,
+):
+    # One program: E is small (tens to hundreds), and one launch replaces a dozen small PyTorch ops on the host.
+    experts = tl.arange(0, BLOCK_E)
+    e_mask = experts < num_experts
+    end = _count_at_most(sorted_ptr, num_rows, experts, search_steps)
+    start = _count_at_most(sorted_ptr, num_rows, experts - 1, search_steps)
+    counts = tl.where(e_mask, end - start, 0)
+    tl.store(offsets_ptr + experts, end.to(tl.int64), mask=e_mask)
+    tl.store(counts_ptr + experts, counts.to(tl.int64), mask=e_mask)
+    blocks = (counts + BLOCK_M - 1) // BLOCK_M
+    last = tl.cumsum(blocks, 0)  # one past each expert's last M-block
+    first = last - blocks
+    routed = tl.max(tl.where(e_mask, end, 0), 0)
+    for b0 in range(0, num_blocks, BLOCK_B):
+        block = b0 + tl.arange(0, BLOCK_B)
+        # Exactly one expert owns each used block; empty experts (first == last) own none, spare blocks have none.
+        owns = (first[None, :] <= block[:, None]) & (block[:, None] < last[None, :])
+        used = tl.sum(owns.to(tl.int32), 1) > 0
+        owner = tl.sum(tl.where(owns, experts[None, :], 0), 1)
+        row = tl.sum(tl.where(owns, start[None, :] + (block[:, None] - first[None, :]) * BLOCK_M, 0), 1)
+        row_end = tl.sum(tl.where(owns, end[None, :], 0), 1)
+        b_mask = block < num_blocks
+        tl.store(block_expert_ptr + block, tl.where(used, owner, num_experts - 1), mask=b_mask)
+        tl.store(block_row_ptr + block, tl.where(used, row, routed), mask=b_mask)
+        tl.store(block_end_ptr + block, tl.where(used, row_end, routed), mask=b_mask)
+
+
+@dataclass
+class SortedRouting:
+    """One MoE call's (token, slot) pairs sorted by expert, as the kernels read them (S = T*K rows, routed first).
+
+    `pos_TK[t, k]` is the sorted row of slot (t, k) or -1 for a sentinel slot; `w_S` the combine weights in sorted
+    order; `counts_E` / `offsets_E` rows per expert and one past each expert's last row; `layout` the M-block
+    metadata `(block_expert, block_row, block_end, block_m)`: for every block of at most `block_m` rows inside one
+    expert's run, its expert, first row and the end of that run. There are `max_blocks(S, E, block_m)` blocks; the
+    spare ones at the end have first row == end, and the kernels return at once for them.
+    """
+
+    order_S: torch.Tensor
+    token_S: torch.Tensor
+    pos_TK: torch.Tensor
+    w_S: torch.Tensor
+    counts_E: torch.Tensor
+    offsets_E: torch.Tensor
+    layout: tuple
+
+
+def sort_routing(idx_TK: torch.Tensor, w_TK: torch.Tensor, num_experts: int, dtype: torch.dtype) -> SortedRouting:
+    """Sort the (token, slot) pairs by expert and build everything the grouped kernels need, without a host sync:
+    one stable sort (rows of one expert keep token order, so results match the reference loop) and two launches,
+    instead of ~30 small PyTorch ops, whose host cost dominated a call below T ~ 4096 on an H200."""
+    num_tokens, top_k = idx_TK.shape
+    num_rows = num_tokens * top_k
+    device = idx_TK.device
+    sorted_S, order_S = torch.sort(idx_TK.reshape(-1).clamp(max=num_experts), stable=True)
+    token_S = torch.empty_like(order_S)
+    pos_TK = torch.empty_like(order_S)
+    w_S = torch.empty(num_rows, dtype=dtype, device=device)
+    per_expert = torch.empty(2, num_experts, dtype=torch.int64, device=device)
+    block_m = pick_block_m(num_rows, num_experts)
+    num_blocks = max_blocks(num_rows, num_experts, block_m)
+    blocks = torch.empty(3, num_blocks, dtype=torch.int32, device=device)
+    if num_rows > 0:
+        block = 32 if INTERPRETED else 256
+        _route_rows_kernel[(triton.cdiv(num_rows, block),)](
+            order_S, sorted_S, w_TK.reshape(-1), token_S, pos_TK, w_S, num_rows, num_experts, top_k, BLOCK=block,
+        )
+        block_e = max(16, triton.next_power_of_2(num_experts))
+        _block_layout_kernel[(1,)](
+            sorted_S, per_expert[0], per_expert[1], blocks[0], blocks[1], blocks[2],
+            num_rows, num_experts, num_blocks, num_rows.bit_length(),
+            BLOCK_M=block_m, BLOCK_E=block_e, BLOCK_B=max(1, min(64, 8192 // block_e)),
+        )
+    else:
+        per_expert.zero_()
+    return SortedRouting(
+        order_S=order_S, token_S=token_S, pos_TK=pos_TK.view(num_tokens, top_k), w_S=w_S,
+        offsets_E=per_expert[0], counts_E=per_expert[1], layout=(blocks[0], blocks[1], blocks[2], block_m),
+    )
 
 
 def pick_block_m(num_rows: int, num_experts: int) -> int:
@@ -194,7 +295,7 @@ def grouped_gemm(
     Args:
         a: (rows of A, K); row r of the output reads A[gather[r]] if `gather` is given, else A[r].
         b_EKN: (E, K, N') per-expert right operand (any strides). With `swiglu`, N' = 2N holding [gate | up].
-        layout: `(block_expert, block_row, block_end, block_m)` from `block_layout`.
+        layout: `(block_expert, block_row, block_end, block_m)`, `SortedRouting.layout`.
         num_rows: S, the number of sorted rows (output rows).
         w_S: (S,) combine weights, applied in the SwiGLU epilogue.
     """
@@ -311,52 +412,60 @@ def grouped_gemm_tn(
 
 @triton.jit
 def _swiglu_backward_kernel(
-    g_ptr, h_ptr, w_ptr, dh_ptr, aw_ptr, dw_ptr, num_valid_ptr,
-    F,
+    g_ptr, h_ptr, w_ptr, order_ptr, dh_ptr, aw_ptr, dw_ptr, num_valid_ptr,
+    num_rows, F,
     stride_g, stride_h, stride_dh, stride_aw,
     ACC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_F: tl.constexpr,
 ):
-    num_rows = tl.load(num_valid_ptr)  # rows past the routed ones (sentinel slots) hold no data: skip them
-    if tl.program_id(0) * BLOCK_M >= num_rows:
-        return
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
-    r_mask = rows < num_rows
-    rows64 = rows.to(tl.int64)
-    w = tl.load(w_ptr + rows, mask=r_mask, other=0.0).to(ACC)
+    in_range = rows < num_rows
+    # The combine-weight gradient goes straight to its (token, slot) place; sentinel slots (the rows past the
+    # routed ones, which hold no data) get 0 there.
+    slots = tl.load(order_ptr + rows, mask=in_range, other=0)
+    num_valid = tl.load(num_valid_ptr)
     dw = tl.zeros((BLOCK_M,), dtype=ACC)
-    for f0 in range(0, F, BLOCK_F):
-        fs = f0 + tl.arange(0, BLOCK_F)
-        mask = r_mask[:, None] & (fs < F)[None, :]
-        g = tl.load(g_ptr + rows64[:, None] * stride_g + fs[None, :], mask=mask, other=0.0).to(ACC)
-        gate = tl.load(h_ptr + rows64[:, None] * stride_h + fs[None, :], mask=mask, other=0.0).to(ACC)
-        up = tl.load(h_ptr + rows64[:, None] * stride_h + fs[None, :] + F, mask=mask, other=0.0).to(ACC)
-        sig = 1.0 / (1.0 + tl.exp(-gate))
-        silu = gate * sig
-        act = silu * up
-        dw += tl.sum(g * act, axis=1)
-        gw = g * w[:, None]
-        tl.store(aw_ptr + rows64[:, None] * stride_aw + fs[None, :], (act * w[:, None]).to(aw_ptr.dtype.element_ty), mask=mask)
-        d_gate = gw * up * sig * (1.0 + gate * (1.0 - sig))
-        tl.store(dh_ptr + rows64[:, None] * stride_dh + fs[None, :], d_gate.to(dh_ptr.dtype.element_ty), mask=mask)
-        tl.store(dh_ptr + rows64[:, None] * stride_dh + fs[None, :] + F, (gw * silu).to(dh_ptr.dtype.element_ty), mask=mask)
-    tl.store(dw_ptr + rows, dw.to(dw_ptr.dtype.element_ty), mask=r_mask)
+    if tl.program_id(0) * BLOCK_M < num_valid:
+        r_mask = rows < num_valid
+        rows64 = rows.to(tl.int64)
+        w = tl.load(w_ptr + rows, mask=r_mask, other=0.0).to(ACC)
+        for f0 in range(0, F, BLOCK_F):
+            fs = f0 + tl.arange(0, BLOCK_F)
+            mask = r_mask[:, None] & (fs < F)[None, :]
+            g = tl.load(g_ptr + rows64[:, None] * stride_g + fs[None, :], mask=mask, other=0.0).to(ACC)
+            gate = tl.load(h_ptr + rows64[:, None] * stride_h + fs[None, :], mask=mask, other=0.0).to(ACC)
+            up = tl.load(h_ptr + rows64[:, None] * stride_h + fs[None, :] + F, mask=mask, other=0.0).to(ACC)
+            sig = 1.0 / (1.0 + tl.exp(-gate))
+            silu = gate * sig
+            act = silu * up
+            dw += tl.sum(g * act, axis=1)
+            gw = g * w[:, None]
+            tl.store(aw_ptr + rows64[:, None] * stride_aw + fs[None, :], (act * w[:, None]).to(aw_ptr.dtype.element_ty),
+                     mask=mask)
+            d_gate = gw * up * sig * (1.0 + gate * (1.0 - sig))
+            tl.store(dh_ptr + rows64[:, None] * stride_dh + fs[None, :], d_gate.to(dh_ptr.dtype.element_ty), mask=mask)
+            tl.store(dh_ptr + rows64[:, None] * stride_dh + fs[None, :] + F, (gw * silu).to(dh_ptr.dtype.element_ty),
+                     mask=mask)
+    tl.store(dw_ptr + slots, dw.to(dw_ptr.dtype.element_ty), mask=in_range)
 
 
-def swiglu_backward(g_SF: torch.Tensor, h_SF2: torch.Tensor, w_S: torch.Tensor, num_valid: torch.Tensor):
-    """From g = dY_s Wd (unweighted) and the pre-activation h = [gate | up]: returns
-    `(dh_SF2, aw_SF, dw_S)` with dh the gradient of h (combine weight applied), aw = w * silu(gate) * up (the left
-    operand of dWd) and dw the combine-weight gradient <g, silu(gate) * up> (in the accumulation dtype).
-    Only the first `num_valid` rows (a one-element device tensor) are computed; later rows are left unwritten."""
+def swiglu_backward(
+    g_SF: torch.Tensor, h_SF2: torch.Tensor, w_S: torch.Tensor, num_valid: torch.Tensor, order_S: torch.Tensor,
+    dw_dtype: torch.dtype,
+):
+    """From g = dY_s Wd (unweighted) and the pre-activation h = [gate | up]: returns `(dh_SF2, aw_SF, dw)` with dh
+    the gradient of h (combine weight applied), aw = w * silu(gate) * up (the left operand of dWd) and dw the
+    combine-weight gradient <g, silu(gate) * up>, accumulated in fp32 and written in `dw_dtype` at each row's
+    (token, slot) place `order_S[r]` of a flat (T*K,) tensor. Only the first `num_valid` rows (a one-element device
+    tensor) are computed; dh and aw are left unwritten past them, and dw is 0 for those (sentinel) slots."""
     num_rows, inter = g_SF.shape
     dh = torch.empty_like(h_SF2)
     aw = torch.empty_like(g_SF)
-    acc_torch = torch.float64 if g_SF.dtype == torch.float64 else torch.float32
-    dw = torch.empty(num_rows, dtype=acc_torch, device=g_SF.device)
+    dw = torch.empty(num_rows, dtype=dw_dtype, device=g_SF.device)
     if num_rows == 0:
         return dh, aw, dw
     block_m, block_f = (32, 32) if INTERPRETED else (32, 128)
     _swiglu_backward_kernel[(triton.cdiv(num_rows, block_m),)](
-        g_SF, h_SF2, w_S, dh, aw, dw, num_valid, inter,
+        g_SF, h_SF2, w_S, order_S, dh, aw, dw, num_valid, num_rows, inter,
         g_SF.stride(0), h_SF2.stride(0), dh.stride(0), aw.stride(0),
         ACC=_acc_dtype(g_SF.dtype), BLOCK_M=block_m, BLOCK_F=block_f,
     )
