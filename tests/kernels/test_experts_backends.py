@@ -222,3 +222,63 @@ def test_registry_auto_picks_the_fast_cpu_backend_and_rejects_unknown_names():
         resolve_experts_backend("triton", x)  # CPU tensor: only the interpreter could run it, and auto never does
     with pytest.raises(ValueError, match="unknown matmul driver"):
         sorted_experts_forward(x, torch.zeros(2, 8, 4), torch.zeros(2, 2, 8), torch.zeros(4, 1, dtype=torch.long), torch.ones(4, 1), driver="x")
+
+
+def _train_steps(gate_up, down, steps, keep_old=False):
+    """Steps of `sorted_experts_forward` + backward on leaf weights, `set_to_none` between them as optimizers
+    do; returns every step's (d_gate_up, d_down) (clones unless `keep_old`, which keeps the gradients themselves)."""
+    grads = []
+    for step in range(steps):
+        x, _, _, idx, w, upstream = make_case(24, 32, 16, 4, 2, dtype=torch.float32, routing="skewed", seed=step)
+        gate_up.grad = down.grad = None
+        sorted_experts_forward(x, gate_up, down, idx, w).backward(upstream)
+        grads.append((gate_up.grad, down.grad) if keep_old else (gate_up.grad.clone(), down.grad.clone()))
+    return grads
+
+
+def test_weight_gradient_buffers_are_reused_only_when_nobody_holds_them(monkeypatch):
+    """With `grad = None` between steps the second backward writes into the first one's buffers (no fresh pages);
+    a caller who kept the old gradient gets a new buffer and its values stay as they were; every gradient (empty
+    experts' zeros included) equals what fresh buffers give."""
+    _, gate_up, down, _, _, _ = make_case(24, 32, 16, 4, 2, dtype=torch.float32, seed=0)
+    gate_up.requires_grad_()
+    down.requires_grad_()
+    fresh_gate_up, fresh_down = gate_up.detach().clone().requires_grad_(), down.detach().clone().requires_grad_()
+    monkeypatch.setattr(cpu_kernels, "REUSE_GRAD_BUFFERS", False)
+    want = _train_steps(fresh_gate_up, fresh_down, 3)
+    monkeypatch.setattr(cpu_kernels, "REUSE_GRAD_BUFFERS", True)
+
+    memory = set()
+    for step, (g_gu, g_dn) in enumerate(_train_steps(gate_up, down, 3)):
+        torch.testing.assert_close(g_gu, want[step][0], rtol=0, atol=0)
+        torch.testing.assert_close(g_dn, want[step][1], rtol=0, atol=0)
+        # `.grad` is the handed-out buffer itself (autograd did not copy it) and it is the same memory every step.
+        assert gate_up.grad.untyped_storage()._cdata == gate_up._ernie5_grad_buffer.storage._cdata
+        memory.add(gate_up._ernie5_grad_buffer.storage._cdata)
+    assert len(memory) == 1
+
+    kept = _train_steps(gate_up, down, 3, keep_old=True)
+    assert len({g.data_ptr() for g, _ in kept}) == 3  # each kept gradient holds its buffer
+    for step, (g_gu, g_dn) in enumerate(kept):
+        torch.testing.assert_close(g_gu, want[step][0], rtol=0, atol=0)
+        torch.testing.assert_close(g_dn, want[step][1], rtol=0, atol=0)
+
+
+def test_weight_grad_buffer_is_handed_out_again_only_once_released(monkeypatch):
+    monkeypatch.setattr(cpu_kernels, "REUSE_GRAD_BUFFERS", True)
+    weight = torch.zeros(3, 8, 4)
+    slot = cpu_kernels.grad_buffer_slot(weight)
+    assert slot is cpu_kernels.grad_buffer_slot(weight)  # one slot per weight
+    first = cpu_kernels.weight_grad_buffer(weight, slot)
+    view = first[0]
+    del first
+    second = cpu_kernels.weight_grad_buffer(weight, slot)  # a view of the first is still alive
+    assert second.data_ptr() != view.data_ptr()
+    third = cpu_kernels.weight_grad_buffer(weight, slot)  # `second` (now the slot's memory) is alive
+    assert third.data_ptr() != second.data_ptr()
+    where = third.data_ptr()  # the slot now holds the third's memory
+    del second, third
+    again = cpu_kernels.weight_grad_buffer(weight, slot)
+    assert again.data_ptr() == where and again.shape == weight.shape and again.is_contiguous()
+    monkeypatch.setattr(cpu_kernels, "REUSE_GRAD_BUFFERS", False)
+    assert cpu_kernels.grad_buffer_slot(torch.zeros(2)) is None
