@@ -23,7 +23,8 @@ MoE block: fwd+bwd 1.68 -> 1.26 s at T=4096 and 0.25 -> 0.22 s at T=512 against 
   of tens of MiB whose first write faults in every 4 KiB page (~45 ms per 64 MiB at one thread on the test VM,
   as long as ten 512x512x512 matmuls);
 - matmuls write straight into their destination (`torch.mm(..., out=slice)`), so the only large fresh buffers are
-  the saved `h_SF2` and the two weight gradients. (Advising the weight gradients onto transparent huge pages cut
+  the saved `h_SF2` and the two weight gradients, and the latter reuse the previous step's memory once it has been
+  released (`REUSE_GRAD_BUFFERS`). (Advising the weight gradients onto transparent huge pages cut
   short calls by ~15% when they follow each other at once, but on a VM that hands free huge pages back to the host
   it made T=512 fwd+bwd 25% slower when calls are more than ~1 s apart, so it is not done.)
 
