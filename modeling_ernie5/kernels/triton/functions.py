@@ -32,6 +32,10 @@ from . import ops
 # else the Triton `grouped_gemm_tn`), "grouped_mm" or "triton". Read at each forward, so it can be changed at run time.
 WEIGHT_GRAD_GEMMS = ("auto", "grouped_mm", "triton")
 WEIGHT_GRAD_GEMM = os.environ.get("ERNIE5_TRITON_WEIGHT_GRAD_GEMM", "auto")
+# "auto" needs experts at least this wide: grouped_mm first copies the token-side operand into sorted order (bytes
+# ~ S*D) to save GEMM time (~ S*D*F), so it pays only for wide experts. H200 fwd+bwd, grouped_mm vs Triton dW:
+# F=1536 and F=768 13.7 vs 15.3 and 8.8 vs 9.3 ms at T=16384; F=256 2.81 vs 2.57 ms at T=32768, 1.53 vs 1.43 at 4096.
+GROUPED_MM_WEIGHT_GRAD_MIN_INTER = 512
 
 
 def weight_grads_by_grouped_mm(x_TD, gate_up_EF2D, down_EDF) -> bool:
@@ -40,7 +44,8 @@ def weight_grads_by_grouped_mm(x_TD, gate_up_EF2D, down_EDF) -> bool:
     The weight gradients reduce over each expert's rows; on an H200 (bf16, ERNIE-4.5 shape, T=16384) the Triton
     kernel reached 55% of the dense matmul rate there, against ~80% for the Triton forward/dX GEMMs and ~90% for
     CUTLASS's grouped kernels behind `F.grouped_mm`, which pays for a gathered copy of one operand. "auto" takes it
-    for bf16 on compute capability 9.0+ (where PyTorch runs CUTLASS rather than a loop) with 16-byte aligned rows."""
+    for bf16 on compute capability 9.0+ (where PyTorch runs CUTLASS rather than a loop) with 16-byte aligned rows
+    and experts at least `GROUPED_MM_WEIGHT_GRAD_MIN_INTER` wide."""
     if WEIGHT_GRAD_GEMM not in WEIGHT_GRAD_GEMMS:
         raise ValueError(f"ERNIE5_TRITON_WEIGHT_GRAD_GEMM must be one of {WEIGHT_GRAD_GEMMS}, got {WEIGHT_GRAD_GEMM!r}")
     if WEIGHT_GRAD_GEMM == "triton":
@@ -54,6 +59,7 @@ def weight_grads_by_grouped_mm(x_TD, gate_up_EF2D, down_EDF) -> bool:
         runnable
         and x_TD.is_cuda
         and x_TD.dtype == torch.bfloat16
+        and down_EDF.shape[2] >= GROUPED_MM_WEIGHT_GRAD_MIN_INTER
         and torch.cuda.get_device_capability(x_TD.device) >= (9, 0)
     )
 
