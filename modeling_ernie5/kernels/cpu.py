@@ -89,6 +89,17 @@ def grouped_mm_can_run(x_TD: torch.Tensor, gate_up_EF2D: torch.Tensor, down_EDF:
     )
 
 
+def decide_grouped_mm(choice: str, what: str, auto, x_TD, gate_up_EF2D, down_EDF) -> bool:
+    """The back-ends' grouped_mm switches: "grouped_mm" insists (and says so when it cannot run), "auto" takes it
+    when it can run and `auto(x_TD)` agrees, any other choice (the back-end's own kernels) declines."""
+    if choice not in ("auto", "grouped_mm"):
+        return False
+    ok = grouped_mm_can_run(x_TD, gate_up_EF2D, down_EDF)
+    if choice == "grouped_mm" and not ok:
+        raise ValueError(f"{what} 'grouped_mm' needs fp32/bf16/fp16 inputs with 16-byte aligned strides")
+    return ok and (choice == "grouped_mm" or auto(x_TD))
+
+
 def use_grouped_mm(driver: str, x_TD: torch.Tensor, gate_up_EF2D: torch.Tensor, down_EDF: torch.Tensor) -> bool:
     """Decide once per call whether `F.grouped_mm` drives the matmuls (forward and backward alike).
 
@@ -97,14 +108,7 @@ def use_grouped_mm(driver: str, x_TD: torch.Tensor, gate_up_EF2D: torch.Tensor, 
     buffers (fwd+bwd 1.1x faster at T=512, 1.25x at T=4096 with one thread, same chunked code driven either way).
     (`sorted_experts_forward` asks for it explicitly for small half-precision inference batches.)
     """
-    if driver == "loop":
-        return False
-    ok = grouped_mm_can_run(x_TD, gate_up_EF2D, down_EDF)
-    if driver == "grouped_mm":
-        if not ok:
-            raise ValueError("matmul driver 'grouped_mm' needs fp32/bf16/fp16 inputs with 16-byte aligned strides")
-        return True
-    return ok and x_TD.device.type != "cpu"
+    return decide_grouped_mm(driver, "matmul driver", lambda x: x.device.type != "cpu", x_TD, gate_up_EF2D, down_EDF)
 
 
 class ExpertChunk(NamedTuple):

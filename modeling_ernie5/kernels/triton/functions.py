@@ -24,7 +24,7 @@ import os
 import torch
 import torch.nn.functional as F
 
-from ..cpu import grouped_mm_can_run
+from ..cpu import decide_grouped_mm
 from . import ops
 
 
@@ -48,20 +48,15 @@ def weight_grads_by_grouped_mm(x_TD, gate_up_EF2D, down_EDF) -> bool:
     and experts at least `GROUPED_MM_WEIGHT_GRAD_MIN_INTER` wide."""
     if WEIGHT_GRAD_GEMM not in WEIGHT_GRAD_GEMMS:
         raise ValueError(f"ERNIE5_TRITON_WEIGHT_GRAD_GEMM must be one of {WEIGHT_GRAD_GEMMS}, got {WEIGHT_GRAD_GEMM!r}")
-    if WEIGHT_GRAD_GEMM == "triton":
-        return False
-    runnable = grouped_mm_can_run(x_TD, gate_up_EF2D, down_EDF)
-    if WEIGHT_GRAD_GEMM == "grouped_mm":
-        if not runnable:
-            raise ValueError("weight gradients by 'grouped_mm' need fp32/bf16/fp16 inputs with 16-byte aligned strides")
-        return True
-    return (
-        runnable
-        and x_TD.is_cuda
-        and x_TD.dtype == torch.bfloat16
-        and down_EDF.shape[2] >= GROUPED_MM_WEIGHT_GRAD_MIN_INTER
-        and torch.cuda.get_device_capability(x_TD.device) >= (9, 0)
-    )
+    def auto(x):
+        return (
+            x.is_cuda
+            and x.dtype == torch.bfloat16
+            and down_EDF.shape[2] >= GROUPED_MM_WEIGHT_GRAD_MIN_INTER
+            and torch.cuda.get_device_capability(x.device) >= (9, 0)
+        )
+
+    return decide_grouped_mm(WEIGHT_GRAD_GEMM, "weight gradients by", auto, x_TD, gate_up_EF2D, down_EDF)
 
 
 def _triton_weight_grad(a, b, token_S, counts_E, offsets_E, out_dtype, gather_a):
