@@ -48,6 +48,7 @@ def weight_grads_by_grouped_mm(x_TD, gate_up_EF2D, down_EDF) -> bool:
     and experts at least `GROUPED_MM_WEIGHT_GRAD_MIN_INTER` wide."""
     if WEIGHT_GRAD_GEMM not in WEIGHT_GRAD_GEMMS:
         raise ValueError(f"ERNIE5_TRITON_WEIGHT_GRAD_GEMM must be one of {WEIGHT_GRAD_GEMMS}, got {WEIGHT_GRAD_GEMM!r}")
+
     def auto(x):
         return (
             x.is_cuda
