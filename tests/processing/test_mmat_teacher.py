@@ -9,6 +9,7 @@ import base64
 import http.server
 import io
 import json
+import sys
 import threading
 import time
 
@@ -117,10 +118,19 @@ def make_handler(state: State):
     return Handler
 
 
+class _QuietServer(http.server.ThreadingHTTPServer):
+    """The "hang" model answers after the client has given up; the write to the closed socket is expected, so it is
+    not printed as a server error."""
+
+    def handle_error(self, request, client_address):
+        if not isinstance(sys.exc_info()[1], ConnectionError):
+            super().handle_error(request, client_address)
+
+
 @pytest.fixture()
 def server():
     state = State()
-    srv = http.server.ThreadingHTTPServer(("127.0.0.1", 0), make_handler(state))
+    srv = _QuietServer(("127.0.0.1", 0), make_handler(state))
     srv.daemon_threads = True
     thread = threading.Thread(target=srv.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
     thread.start()
