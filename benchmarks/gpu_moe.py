@@ -9,10 +9,13 @@
    ernie5 `triton`, ernie5 `cpu` (sorted PyTorch path, which runs on CUDA through `F.grouped_mm`),
    transformers' `grouped_mm`, `batched_mm` and `eager` on a `Qwen3MoeExperts` holding the same weights, and
    bare `torch.nn.functional.grouped_mm` on pre-sorted rows (the two GEMMs plus SwiGLU, autograd for backward).
-   Forward and forward+backward (dense upstream gradient), CUDA-event timing, median of `--iters`.
+   Forward and forward+backward (dense upstream gradient), CUDA-event timing, median of `--iters`. Two extra rows:
+   ernie5 `triton` with its Triton weight-gradient kernel forced (`auto` may take `F.grouped_mm` there), and ernie5
+   `triton` / transformers' `grouped_mm` replayed from CUDA graphs, i.e. with the host's share removed.
    Reports TFLOP/s of active expert FLOPs (6·T·k·d·f / 18·T·k·d·f), the fraction of a measured dense bf16
    matmul rate on this GPU, and the speed-of-light fraction max(FLOPs/dense rate, bytes/bandwidth) / time with
-   the bandwidth measured by a device copy (research note moe_kernels.md §5).
+   the bandwidth measured by a device copy (research note moe_kernels.md §5). `--breakdown` adds, per point, the
+   device time of each kernel and the costliest host calls (torch profiler), and a cProfile of the host path.
 
 Usage (CUDA machine, `pip install 'ernie5[triton]'`):
     python benchmarks/gpu_moe.py                  # everything, writes benchmarks/results/gpu_moe.json
