@@ -92,6 +92,8 @@ def test_triton_all_sentinel_slots_give_zeros_without_a_special_case():
 
 def _routing_in_pytorch(idx, w, num_experts, block_m, dtype):
     """What `ops.sort_routing` must produce, in plain PyTorch (the earlier implementation's ops)."""
+    from modeling_ernie5.kernels.triton import ops
+
     top_k = idx.shape[1]
     flat = idx.reshape(-1).clamp(max=num_experts)
     sorted_ids, order = torch.sort(flat, stable=True)
@@ -109,9 +111,7 @@ def _routing_in_pytorch(idx, w, num_experts, block_m, dtype):
             row.append(int(offsets[e] - counts[e]) + b * block_m)
             end.append(int(offsets[e]))
     routed = int(offsets[-1])
-    from modeling_ernie5.kernels.triton.ops import max_blocks
-
-    spare = max_blocks(idx.numel(), num_experts, block_m) - int(last[-1])
+    spare = ops.max_blocks(idx.numel(), num_experts, block_m) - int(last[-1])
     expert += [num_experts - 1] * spare
     row += [routed] * spare
     end += [routed] * spare

@@ -96,7 +96,8 @@ class TritonExpertsFunction(torch.autograd.Function):
                               routing.order_S, routing.pos_TK, routing.counts_E, routing.offsets_E,
                               *routing.layout[:3])
         ctx.block_m = routing.layout[3]
-        ctx.weight_grads_by_grouped_mm = weight_grads_by_grouped_mm(x_TD, gate_up_EF2D, down_EDF)
+        # Decided here, where the weights' dtype and device are known; inference (no backward) skips it.
+        ctx.weight_grads_by_grouped_mm = store_h and weight_grads_by_grouped_mm(x_TD, gate_up_EF2D, down_EDF)
         return out_TD
 
     @staticmethod
