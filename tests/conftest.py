@@ -4,10 +4,14 @@ These must be set before transformers / datasets / evaluate are imported anywher
 the top of the root conftest.
 """
 
+import atexit
 import os
+import shutil
 import tempfile
 
 _HF_HOME = tempfile.mkdtemp(prefix="ernie5-hf-home-")
+# Removed when the session ends, so repeated runs do not pile up directories in /tmp.
+atexit.register(shutil.rmtree, _HF_HOME, ignore_errors=True)
 for key, value in {
     "HF_HUB_OFFLINE": "1",
     "HF_DATASETS_OFFLINE": "1",

@@ -1,0 +1,120 @@
+"""A lease-sized GPU check (~1 minute on an H200) for the two kernel choices made after the last full
+`gpu_moe.py` run:
+
+1. the M-block layout kernel, now one program per group of blocks: `ops.sort_routing` against the plain PyTorch
+   routing (the kernel tests' reference) at full sizes, exact equality of every output, and its time next to the
+   `torch.sort` it starts with;
+2. the weight-gradient GEMM rule (`functions.GROUPED_MM_WEIGHT_GRAD_MIN_INTER`): experts fwd+bwd in bf16 with the
+   Triton dW kernel, with `F.grouped_mm`, and with "auto", at an expert width below and two above the threshold.
+
+Usage (CUDA only): python benchmarks/gpu_followup.py --out results/gpu_followup.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path[:0] = [str(ROOT), str(ROOT / "tests" / "kernels")]
+
+from modeling_ernie5.kernels.triton import functions, ops, triton_experts_forward  # noqa: E402
+from test_triton_experts import _routing_in_pytorch  # noqa: E402
+
+ROUTING_CASES = [  # tokens, experts, top_k, skewed (3 crowded experts, and a sentinel slot on every 7th token)
+    (16384, 64, 6, False), (16384, 128, 8, False), (16384, 64, 6, True), (512, 128, 8, False), (65536, 128, 8, False),
+]  # fmt: skip
+GEMM_CASES = [  # name, tokens, hidden, expert width, experts, top_k
+    ("issue-target", 32768, 512, 256, 64, 8),
+    ("ernie-4.5-21b-a3b", 16384, 2560, 1536, 64, 6),
+    ("qwen3-30b-a3b", 16384, 2048, 768, 128, 8),
+]
+
+
+def median_ms(fn, iters: int, warmup: int) -> float:
+    for _ in range(warmup):
+        fn()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(iters):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        torch.cuda.synchronize()
+        times.append(start.elapsed_time(end))
+    return sorted(times)[len(times) // 2]
+
+
+def check_routing(tokens, experts, top_k, skewed) -> dict:
+    scores = torch.rand(tokens, experts, device="cuda")
+    if skewed:
+        scores[:, :3] += 5
+    w, idx = scores.topk(top_k, dim=1)
+    w = w.softmax(-1)
+    if skewed:
+        idx[::7, -1] = experts  # sentinel: an unused slot
+    got = ops.sort_routing(idx, w, experts, torch.float32)
+    want = _routing_in_pytorch(idx, w, experts, got.layout[3], torch.float32)
+    pairs = dict(zip(("order", "token", "pos", "w", "counts", "offsets"),
+                     zip((got.order_S, got.token_S, got.pos_TK, got.w_S, got.counts_E, got.offsets_E), want[:6])))
+    pairs.update(zip(("block_expert", "block_row", "block_end"), zip(got.layout[:3], want[6])))
+    return dict(
+        mismatched=[name for name, (g, r) in pairs.items() if not torch.equal(g.cpu(), r.cpu())],
+        sort_routing_ms=median_ms(lambda: ops.sort_routing(idx, w, experts, torch.bfloat16), 50, 5),
+        torch_sort_ms=median_ms(lambda: torch.sort(idx.reshape(-1).clamp(max=experts), stable=True), 50, 5),
+    )
+
+
+def time_weight_grad_gemms(tokens, hidden, inter, experts, top_k) -> dict:
+    torch.manual_seed(0)
+    x = torch.randn(tokens, hidden, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    gate_up = (torch.randn(experts, 2 * inter, hidden, device="cuda") / hidden**0.5).bfloat16().requires_grad_()
+    down = (torch.randn(experts, hidden, inter, device="cuda") / inter**0.5).bfloat16().requires_grad_()
+    w, idx = torch.rand(tokens, experts, device="cuda").topk(top_k, dim=1)
+    w = w.softmax(-1).bfloat16().requires_grad_()
+    dy = torch.randn(tokens, hidden, device="cuda", dtype=torch.bfloat16)
+
+    def step():
+        torch.autograd.backward(triton_experts_forward(x, gate_up, down, idx, w), dy)
+
+    row, saved = {}, functions.WEIGHT_GRAD_GEMM
+    try:
+        for choice in ("triton", "grouped_mm", "auto"):  # the order of the recorded run
+            functions.WEIGHT_GRAD_GEMM = choice
+            row[f"{choice}_ms"] = median_ms(step, 15, 3)
+    finally:
+        functions.WEIGHT_GRAD_GEMM = saved
+    flops = 18 * tokens * top_k * hidden * inter
+    row.update({f"{c}_tflops": flops / row[f"{c}_ms"] / 1e9 for c in functions.WEIGHT_GRAD_GEMMS})
+    row["auto_takes_grouped_mm"] = inter >= functions.GROUPED_MM_WEIGHT_GRAD_MIN_INTER
+    return row
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "gpu_followup.json")
+    args = parser.parse_args(argv)
+    if not torch.cuda.is_available():
+        print("needs CUDA")
+        return 2
+    report = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "routing": {}, "weight_grad_gemm": {}}
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    for case in ROUTING_CASES:
+        key = "T{}_E{}_k{}{}".format(*case[:3], "_skewed" if case[3] else "")
+        report["routing"][key] = check_routing(*case)
+        print(key, report["routing"][key], flush=True)
+        args.out.write_text(json.dumps(report, indent=1))
+    for name, *dims in GEMM_CASES:
+        report["weight_grad_gemm"][name] = time_weight_grad_gemms(*dims)
+        print(name, report["weight_grad_gemm"][name], flush=True)
+        args.out.write_text(json.dumps(report, indent=1))
+    return 0 if not any(r["mismatched"] for r in report["routing"].values()) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
