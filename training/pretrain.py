@@ -44,6 +44,7 @@ import torch.nn.functional as F
 from transformers import HfArgumentParser, SchedulerType, TrainerCallback, TrainingArguments
 
 from training.elastic_sampler import KINDS, ElasticSampler
+from training.trainer import end_distributed_training
 
 MODEL_PRESETS = ("tiny", "ablation-3b")
 
@@ -515,11 +516,7 @@ def train(cfg: PretrainConfig, callbacks: list | None = None) -> dict:
         summary.update({k: v for k, v in last.items() if k.startswith(("loss_", "share_", "expert_load"))})
         with open(os.path.join(cfg.output_dir, "pretrain_summary.json"), "w") as f:
             json.dump(summary, f, indent=1)
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        # Every rank waits for rank 0's files, then the process group is torn down before the interpreter exits:
-        # a gloo group left alive at exit sometimes aborts a rank ("terminate called without an active exception").
-        trainer.accelerator.wait_for_everyone()
-        trainer.accelerator.end_training()
+    end_distributed_training(trainer)
     return summary
 
 

@@ -81,6 +81,7 @@ from training.rl_stabilisers import (
     routing_for_forward,
     wpsm_weights,
 )
+from training.trainer import end_distributed_training
 
 logger = logging.getLogger(__name__)
 
@@ -1236,6 +1237,7 @@ def main(script_args: RLScriptArguments, training_args: RLConfig) -> RLTrainer:
     )
     trainer.train()
     trainer.save_model(training_args.output_dir)
+    end_distributed_training(trainer)
     return trainer
 
 

@@ -25,6 +25,8 @@ from pathlib import Path
 if __package__ in (None, ""):  # `python training/sft.py`: make the repository importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from training.trainer import end_distributed_training  # noqa: E402
+
 logger = logging.getLogger(__name__)
 
 # MMAT-1M Table 7, applied as parser defaults (flags still override them).
@@ -156,6 +158,7 @@ def main(script_args: SFTScriptArguments, training_args) -> dict:
     metrics = dict(result.metrics)
     trainer.log_metrics("train", metrics)
     trainer.save_metrics("train", metrics)
+    end_distributed_training(trainer)
     return metrics
 
 

@@ -3,7 +3,6 @@ processes: sharded 3D expert weights, the custom expert autograd, the data-paral
 elastic sub-model forward next to the full one all give the same parameters as one process on the whole batch."""
 
 import os
-import subprocess
 import sys
 import textwrap
 from pathlib import Path
@@ -63,11 +62,11 @@ DRIVER = textwrap.dedent(
 
 
 @pytest.mark.slow
-def test_fsdp2_on_two_cpu_processes_matches_one_process(tmp_path):
+def test_fsdp2_on_two_cpu_processes_matches_one_process(tmp_path, run_launcher):
     (tmp_path / "driver.py").write_text(DRIVER)
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "driver.py"]
-    result = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=400)
+    result = run_launcher(cmd, cwd=tmp_path, env=env, timeout=400)
     assert result.returncode == 0, result.stderr[-4000:]
     lines = result.stdout.splitlines()
     steps = [line.split() for line in lines if line.startswith("step ")]

@@ -6,7 +6,6 @@ import json
 import math
 import os
 import random
-import subprocess
 import sys
 import textwrap
 from pathlib import Path
@@ -148,13 +147,13 @@ def _env():
 
 
 @pytest.mark.slow
-def test_torchrun_two_cpu_processes(corpus, tmp_path):
+def test_torchrun_two_cpu_processes(corpus, tmp_path, run_launcher):
     driver = tmp_path / "driver.py"
     driver.write_text(DDP_DRIVER.format(repo=str(REPO)))
     out = tmp_path / "ddp"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(driver),
            *base_args(corpus, out, max_steps=3, save_strategy="no", report_to="tensorboard")]  # fmt: skip
-    result = subprocess.run(cmd, cwd=tmp_path, env=_env(), capture_output=True, text=True, timeout=400)
+    result = run_launcher(cmd, cwd=tmp_path, env=_env(), timeout=400)
     assert result.returncode == 0, result.stderr[-4000:]
     assert "REPLICAS EQUAL world=2 bias_moved=True" in result.stdout, result.stdout[-2000:]
     summary = json.loads((out / "pretrain_summary.json").read_text())
@@ -166,12 +165,12 @@ def test_torchrun_two_cpu_processes(corpus, tmp_path):
 
 
 @pytest.mark.slow
-def test_accelerate_launch_runs_the_same_script(corpus, tmp_path):
+def test_accelerate_launch_runs_the_same_script(corpus, tmp_path, run_launcher):
     out = tmp_path / "acc"
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
            str(REPO / "training" / "accelerate_configs" / "cpu.yaml"), str(REPO / "training" / "pretrain.py"),
            *base_args(corpus, out, max_steps=2, save_strategy="no")]  # fmt: skip
-    result = subprocess.run(cmd, cwd=tmp_path, env=_env(), capture_output=True, text=True, timeout=400)
+    result = run_launcher(cmd, cwd=tmp_path, env=_env(), timeout=400)
     assert result.returncode == 0, result.stderr[-4000:]
     summary = json.loads((out / "pretrain_summary.json").read_text())
     assert summary["global_step"] == 2 and summary["elastic"] is True

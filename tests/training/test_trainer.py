@@ -72,3 +72,52 @@ def test_trainer_with_gradient_checkpointing_and_bf16_on_cpu(tmp_path, data):
     assert after < before
     router = trainer.model.model.layers[0].mlp.gate
     assert router.e_score_correction_bias.dtype == torch.float32
+
+
+class _OrderRecorder:
+    """Stand-in for the trainer's `Accelerator` (its own teardown is accelerate's business): records the calls and,
+    at `end_training`, whether the DDP wrapper was already gone while the process group was still up."""
+
+    def __init__(self, wrapper):
+        import weakref
+
+        self._models = [wrapper]
+        self.wrapper_ref = weakref.ref(wrapper)
+        self.calls = []
+
+    def wait_for_everyone(self):
+        self.calls.append("wait")
+        torch.distributed.barrier()
+
+    def free_memory(self):
+        self.calls.append("free")
+        self._models = []
+
+    def end_training(self):
+        self.calls.append(("end", self.wrapper_ref() is None, torch.distributed.is_initialized()))
+        torch.distributed.destroy_process_group()
+
+
+def test_end_distributed_training_drops_the_ddp_wrapper_before_the_process_group(tmp_path):
+    """A gloo group destroyed from the DDP reducer's destructor can hang a rank (see `end_distributed_training`):
+    the wrapper must be released first, with the group still registered, and the group destroyed after."""
+    from types import SimpleNamespace
+
+    from training.trainer import end_distributed_training
+
+    store = torch.distributed.FileStore(str(tmp_path / "store"), 1)
+    torch.distributed.init_process_group("gloo", store=store, rank=0, world_size=1)
+    try:
+        model = torch.nn.Linear(4, 4)
+        wrapper = torch.nn.parallel.DistributedDataParallel(model)
+        wrapper(torch.randn(2, 4)).sum().backward()
+        trainer = SimpleNamespace(model=model, model_wrapped=wrapper, accelerator=_OrderRecorder(wrapper))
+        del wrapper
+        end_distributed_training(trainer)
+        assert trainer.accelerator.calls == ["wait", "free", ("end", True, True)]
+        assert trainer.model_wrapped is model and not torch.distributed.is_initialized()
+    finally:
+        if torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
+    end_distributed_training(trainer)  # no process group: nothing to do
+    assert len(trainer.accelerator.calls) == 3
