@@ -7,7 +7,8 @@
 2. the weight-gradient GEMM rule (`functions.GROUPED_MM_WEIGHT_GRAD_MIN_INTER`): experts fwd+bwd in bf16 with the
    Triton dW kernel, with `F.grouped_mm`, and with "auto", at an expert width below and two above the threshold.
 
-Usage (CUDA only): python benchmarks/gpu_followup.py --out results/gpu_followup.json
+Usage: python benchmarks/gpu_followup.py (CUDA; writes results/gpu_followup.json). `--smoke` runs tiny sizes, on CPU
+under TRITON_INTERPRET=1 in the test suite, so that a lease is never spent on a crash.
 """
 
 from __future__ import annotations
@@ -20,8 +21,9 @@ from pathlib import Path
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path[:0] = [str(ROOT), str(ROOT / "tests" / "kernels")]
+sys.path[:0] = [str(ROOT), str(ROOT / "benchmarks"), str(ROOT / "tests" / "kernels")]
 
+from gpu_moe import timer  # noqa: E402
 from modeling_ernie5.kernels.triton import functions, ops, triton_experts_forward  # noqa: E402
 from test_triton_experts import _routing_in_pytorch  # noqa: E402
 
@@ -33,25 +35,19 @@ GEMM_CASES = [  # name, tokens, hidden, expert width, experts, top_k
     ("ernie-4.5-21b-a3b", 16384, 2560, 1536, 64, 6),
     ("qwen3-30b-a3b", 16384, 2048, 768, 128, 8),
 ]
+SMOKE_ROUTING_CASES = [(37, 6, 3, True), (20, 40, 2, False)]
+SMOKE_GEMM_CASES = [("smoke", 24, 32, 16, 4, 2)]
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+ITERS = {"routing": (50, 5), "gemm": (15, 3)}  # (timed, warm-up) calls; --smoke: (1, 1)
 
 
 def median_ms(fn, iters: int, warmup: int) -> float:
-    for _ in range(warmup):
-        fn()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(iters):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        torch.cuda.synchronize()
-        times.append(start.elapsed_time(end))
-    return sorted(times)[len(times) // 2]
+    """Median in ms with `gpu_moe.py`'s timer (CUDA events on a GPU; the recorded run took the upper median of 50)."""
+    return timer(torch.device(DEVICE))(fn, iters, warmup) * 1e3
 
 
 def check_routing(tokens, experts, top_k, skewed) -> dict:
-    scores = torch.rand(tokens, experts, device="cuda")
+    scores = torch.rand(tokens, experts, device=DEVICE)
     if skewed:
         scores[:, :3] += 5
     w, idx = scores.topk(top_k, dim=1)
@@ -65,19 +61,19 @@ def check_routing(tokens, experts, top_k, skewed) -> dict:
     pairs.update(zip(("block_expert", "block_row", "block_end"), zip(got.layout[:3], want[6])))
     return dict(
         mismatched=[name for name, (g, r) in pairs.items() if not torch.equal(g.cpu(), r.cpu())],
-        sort_routing_ms=median_ms(lambda: ops.sort_routing(idx, w, experts, torch.bfloat16), 50, 5),
-        torch_sort_ms=median_ms(lambda: torch.sort(idx.reshape(-1).clamp(max=experts), stable=True), 50, 5),
+        sort_routing_ms=median_ms(lambda: ops.sort_routing(idx, w, experts, torch.bfloat16), *ITERS["routing"]),
+        torch_sort_ms=median_ms(lambda: torch.sort(idx.reshape(-1).clamp(max=experts), stable=True), *ITERS["routing"]),
     )
 
 
 def time_weight_grad_gemms(tokens, hidden, inter, experts, top_k) -> dict:
     torch.manual_seed(0)
-    x = torch.randn(tokens, hidden, device="cuda", dtype=torch.bfloat16, requires_grad=True)
-    gate_up = (torch.randn(experts, 2 * inter, hidden, device="cuda") / hidden**0.5).bfloat16().requires_grad_()
-    down = (torch.randn(experts, hidden, inter, device="cuda") / inter**0.5).bfloat16().requires_grad_()
-    w, idx = torch.rand(tokens, experts, device="cuda").topk(top_k, dim=1)
+    x = torch.randn(tokens, hidden, device=DEVICE, dtype=torch.bfloat16, requires_grad=True)
+    gate_up = (torch.randn(experts, 2 * inter, hidden, device=DEVICE) / hidden**0.5).bfloat16().requires_grad_()
+    down = (torch.randn(experts, hidden, inter, device=DEVICE) / inter**0.5).bfloat16().requires_grad_()
+    w, idx = torch.rand(tokens, experts, device=DEVICE).topk(top_k, dim=1)
     w = w.softmax(-1).bfloat16().requires_grad_()
-    dy = torch.randn(tokens, hidden, device="cuda", dtype=torch.bfloat16)
+    dy = torch.randn(tokens, hidden, device=DEVICE, dtype=torch.bfloat16)
 
     def step():
         torch.autograd.backward(triton_experts_forward(x, gate_up, down, idx, w), dy)
@@ -86,7 +82,7 @@ def time_weight_grad_gemms(tokens, hidden, inter, experts, top_k) -> dict:
     try:
         for choice in ("triton", "grouped_mm", "auto"):  # the order of the recorded run
             functions.WEIGHT_GRAD_GEMM = choice
-            row[f"{choice}_ms"] = median_ms(step, 15, 3)
+            row[f"{choice}_ms"] = median_ms(step, *ITERS["gemm"])
     finally:
         functions.WEIGHT_GRAD_GEMM = saved
     flops = 18 * tokens * top_k * hidden * inter
@@ -98,18 +94,23 @@ def time_weight_grad_gemms(tokens, hidden, inter, experts, top_k) -> dict:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "gpu_followup.json")
+    parser.add_argument("--smoke", action="store_true", help="tiny sizes, one timed call each (CPU: TRITON_INTERPRET=1)")
     args = parser.parse_args(argv)
-    if not torch.cuda.is_available():
-        print("needs CUDA")
+    if DEVICE != "cuda" and not args.smoke:
+        print("needs CUDA (or --smoke under TRITON_INTERPRET=1)")
         return 2
-    report = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "routing": {}, "weight_grad_gemm": {}}
+    routing_cases, gemm_cases = (SMOKE_ROUTING_CASES, SMOKE_GEMM_CASES) if args.smoke else (ROUTING_CASES, GEMM_CASES)
+    if args.smoke:
+        ITERS.update(routing=(1, 1), gemm=(1, 1))
+    device_name = torch.cuda.get_device_name() if DEVICE == "cuda" else "cpu (triton interpreter)"
+    report = {"device": device_name, "torch": torch.__version__, "routing": {}, "weight_grad_gemm": {}}
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    for case in ROUTING_CASES:
+    for case in routing_cases:
         key = "T{}_E{}_k{}{}".format(*case[:3], "_skewed" if case[3] else "")
         report["routing"][key] = check_routing(*case)
         print(key, report["routing"][key], flush=True)
         args.out.write_text(json.dumps(report, indent=1))
-    for name, *dims in GEMM_CASES:
+    for name, *dims in gemm_cases:
         report["weight_grad_gemm"][name] = time_weight_grad_gemms(*dims)
         print(name, report["weight_grad_gemm"][name], flush=True)
         args.out.write_text(json.dumps(report, indent=1))

@@ -27,3 +27,20 @@ def test_gpu_script_smoke_run_under_the_interpreter(tmp_path):
     assert report["points"], "no timing point was written"
     assert report["layout"]["new_over_old"] > 0, report["layout"]  # both weight layouts ran
     assert out.with_suffix(".png").stat().st_size > 0, "no plot was drawn"
+
+
+def test_gpu_followup_smoke_run_under_the_interpreter(tmp_path):
+    """`benchmarks/gpu_followup.py --smoke`: the lease-sized check runs end to end, its routing comparison finds the
+    kernels equal to the PyTorch routing, and every weight-gradient GEMM choice was timed."""
+    out = tmp_path / "followup.json"
+    env = dict(os.environ, TRITON_INTERPRET="1", OMP_NUM_THREADS="1")
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "gpu_followup.py"), "--smoke", "--out", str(out)],
+        env=env, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    report = json.loads(out.read_text())
+    assert report["routing"] and all(r["mismatched"] == [] for r in report["routing"].values())
+    (row,) = report["weight_grad_gemm"].values()
+    assert all(row[f"{choice}_ms"] > 0 for choice in ("triton", "grouped_mm", "auto"))
+    assert row["auto_takes_grouped_mm"] is False  # 16-wide experts stay on the Triton dW kernel
