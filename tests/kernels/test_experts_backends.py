@@ -191,6 +191,65 @@ def test_many_small_chunks_match_reference(routing, monkeypatch):
         torch.testing.assert_close(sorted_experts_forward(*case[:5]), want[0], **TOL[torch.float64])
 
 
+@pytest.fixture
+def intra_op_threads():
+    """Run with several intra-op threads (the suite runs with one), restoring the count afterwards."""
+    before = torch.get_num_threads()
+
+    def use(n):
+        torch.set_num_threads(n)
+
+    yield use
+    torch.set_num_threads(before)
+
+
+@pytest.mark.parametrize("threads", [2, 3])
+@pytest.mark.parametrize("routing", ["uniform", "skewed", "sentinel"])
+def test_chunks_on_several_threads_match_reference(routing, threads, monkeypatch, intra_op_threads):
+    """Chunks shared out over threads (each thread its own scratch and token-row accumulators, summed at the end;
+    weight-gradient slices and sorted rows written in place), in training, no-grad and inference mode; the
+    intra-op thread count comes back afterwards."""
+    monkeypatch.setattr(cpu_kernels, "CHUNK_ROWS", 7)
+    intra_op_threads(threads)
+    shares = []
+    run_chunks = cpu_kernels.run_chunks
+    monkeypatch.setattr(cpu_kernels, "run_chunks", lambda chunks, body, make: shares.append(len(chunks)) or run_chunks(chunks, body, make))
+    case = make_case(45, 40, 24, 8, 3, dtype=torch.float64, routing=routing, seed=11)
+    want = run_with_grads(reference_experts_forward, *case)
+    got = run_with_grads(sorted_experts_forward, *case)
+    assert_matches(got, want, **TOL[torch.float64])
+    with torch.no_grad():
+        torch.testing.assert_close(sorted_experts_forward(*case[:5]), want[0], **TOL[torch.float64])
+    with torch.inference_mode():  # the workers must take the caller's mode to write into inference tensors
+        torch.testing.assert_close(sorted_experts_forward(*case[:5]), want[0], **TOL[torch.float64])
+    assert len(shares) == 4 and min(shares) >= threads  # forward, backward, no-grad, inference: all threaded
+    assert torch.get_num_threads() == threads
+
+
+def test_chunk_threads_setting(monkeypatch, intra_op_threads):
+    """"auto" follows the intra-op thread count, never more threads than chunks; "1" keeps one thread; a worker's
+    error reaches the caller and the intra-op thread count is restored."""
+    intra_op_threads(2)
+    assert cpu_kernels._chunk_threads(16) == 2 and cpu_kernels._chunk_threads(1) == 1
+    monkeypatch.setattr(cpu_kernels, "CHUNK_THREADS", "1")
+    assert cpu_kernels._chunk_threads(16) == 1
+    monkeypatch.setattr(cpu_kernels, "CHUNK_THREADS", "auto")
+    chunks = plan_chunks([5, 5, 5, 5], 5)
+    seen = []
+
+    def body(chunk, state):
+        seen.append((chunk.start, state, torch.get_num_threads()))
+        if chunk.start == 15:
+            raise RuntimeError("worker failed")
+
+    with pytest.raises(RuntimeError, match="worker failed"):
+        cpu_kernels.run_chunks(chunks, body, lambda i: f"state{i}")
+    assert torch.get_num_threads() == 2
+    # Contiguous shares of equal rows, one state per thread, every op single-threaded inside.
+    assert sorted((start, state) for start, state, _ in seen) == [(0, "state0"), (5, "state0"), (10, "state1"), (15, "state1")]
+    assert {n for _, _, n in seen} == {1}
+
+
 def test_matmul_driver_choice():
     x, gate_up, down = torch.zeros(8, 32), torch.zeros(8, 32, 32), torch.zeros(8, 32, 16)
     assert not use_grouped_mm("auto", x, gate_up, down)  # on CPU the chunked loop is faster
