@@ -1,5 +1,6 @@
-"""`benchmarks/gpu_moe.py --smoke`: the GPU script runs end to end under Triton's interpreter and its correctness
-pass finds every launcher within tolerance, so the one run a lent GPU gets is not spent on a crash."""
+"""`benchmarks/gpu_moe.py --smoke` and `benchmarks/gpu_followup.py --smoke`: the GPU scripts run end to end under
+Triton's interpreter and their correctness passes find every launcher within tolerance, so the one run a lent GPU
+gets is not spent on a crash."""
 
 import json
 import os
@@ -12,16 +13,21 @@ import pytest
 ROOT = Path(__file__).resolve().parents[2]
 
 
-@pytest.mark.slow
-def test_gpu_script_smoke_run_under_the_interpreter(tmp_path):
-    out = tmp_path / "smoke.json"
+def _smoke_run(script: str, out: Path) -> dict:
+    """`benchmarks/<script> --smoke` under Triton's interpreter; its JSON report."""
     env = dict(os.environ, TRITON_INTERPRET="1", OMP_NUM_THREADS="1")
     proc = subprocess.run(
-        [sys.executable, str(ROOT / "benchmarks" / "gpu_moe.py"), "--smoke", "--out", str(out)],
+        [sys.executable, str(ROOT / "benchmarks" / script), "--smoke", "--out", str(out)],
         env=env, capture_output=True, text=True, timeout=300,
     )  # fmt: skip
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
-    report = json.loads(out.read_text())
+    return json.loads(out.read_text())
+
+
+@pytest.mark.slow
+def test_gpu_script_smoke_run_under_the_interpreter(tmp_path):
+    out = tmp_path / "smoke.json"
+    report = _smoke_run("gpu_moe.py", out)
     assert report["correctness_failures"] == []
     assert report["launchers"] and all(err < 1e-3 for err in report["launchers"].values())
     assert report["points"], "no timing point was written"
@@ -32,14 +38,7 @@ def test_gpu_script_smoke_run_under_the_interpreter(tmp_path):
 def test_gpu_followup_smoke_run_under_the_interpreter(tmp_path):
     """`benchmarks/gpu_followup.py --smoke`: the lease-sized check runs end to end, its routing comparison finds the
     kernels equal to the PyTorch routing, and every weight-gradient GEMM choice was timed."""
-    out = tmp_path / "followup.json"
-    env = dict(os.environ, TRITON_INTERPRET="1", OMP_NUM_THREADS="1")
-    proc = subprocess.run(
-        [sys.executable, str(ROOT / "benchmarks" / "gpu_followup.py"), "--smoke", "--out", str(out)],
-        env=env, capture_output=True, text=True, timeout=300,
-    )  # fmt: skip
-    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
-    report = json.loads(out.read_text())
+    report = _smoke_run("gpu_followup.py", tmp_path / "followup.json")
     assert report["routing"] and all(r["mismatched"] == [] for r in report["routing"].values())
     (row,) = report["weight_grad_gemm"].values()
     assert all(row[f"{choice}_ms"] > 0 for choice in ("triton", "grouped_mm", "auto"))
