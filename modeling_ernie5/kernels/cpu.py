@@ -249,15 +249,17 @@ def weight_grad_buffer(weight: torch.Tensor, slot: _GradBuffer | None) -> torch.
 # The chunk loop runs on this many threads, each taking a contiguous share of the chunks with single-threaded ops,
 # instead of one chunk after the other with every op split over the intra-op threads: the per-expert matmuls are
 # small (~128 rows at T=1024, E=64, k=8), and such matmuls gain little from a second intra-op thread. "auto"
-# (default) = the intra-op thread count; "1" = off.
+# (default) = the intra-op thread count up to CHUNK_THREADS_AUTO_MAX; "1" = off. Each extra thread costs one (T, D)
+# accumulator, and the gain was measured with 2 threads only, hence the cap.
 CHUNK_THREADS = os.environ.get("ERNIE5_CPU_CHUNK_THREADS", "auto")
+CHUNK_THREADS_AUTO_MAX = 4
 _chunk_pool: ThreadPoolExecutor | None = None
 _chunk_pool_workers = 0
 
 
 def _chunk_threads(num_chunks: int) -> int:
     intra = torch.get_num_threads()
-    wanted = intra if CHUNK_THREADS == "auto" else int(CHUNK_THREADS)
+    wanted = min(intra, CHUNK_THREADS_AUTO_MAX) if CHUNK_THREADS == "auto" else int(CHUNK_THREADS)
     return max(1, min(wanted, intra, num_chunks))
 
 

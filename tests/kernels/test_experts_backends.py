@@ -227,12 +227,16 @@ def test_chunks_on_several_threads_match_reference(routing, threads, monkeypatch
 
 
 def test_chunk_threads_setting(monkeypatch, intra_op_threads):
-    """"auto" follows the intra-op thread count, never more threads than chunks; "1" keeps one thread; a worker's
-    error reaches the caller and the intra-op thread count is restored."""
+    """"auto" follows the intra-op thread count up to a cap, never more threads than chunks; "1" keeps one thread; a
+    worker's error reaches the caller and the intra-op thread count is restored."""
     intra_op_threads(2)
     assert cpu_kernels._chunk_threads(16) == 2 and cpu_kernels._chunk_threads(1) == 1
     monkeypatch.setattr(cpu_kernels, "CHUNK_THREADS", "1")
     assert cpu_kernels._chunk_threads(16) == 1
+    monkeypatch.setattr(cpu_kernels, "CHUNK_THREADS", "auto")
+    intra_op_threads(cpu_kernels.CHUNK_THREADS_AUTO_MAX + 2)  # "auto" stops at the cap (one accumulator each)
+    assert cpu_kernels._chunk_threads(64) == cpu_kernels.CHUNK_THREADS_AUTO_MAX
+    intra_op_threads(2)
     monkeypatch.setattr(cpu_kernels, "CHUNK_THREADS", "auto")
     chunks = plan_chunks([5, 5, 5, 5], 5)
     seen = []
