@@ -255,6 +255,7 @@ CHUNK_THREADS = os.environ.get("ERNIE5_CPU_CHUNK_THREADS", "auto")
 CHUNK_THREADS_AUTO_MAX = 4
 _chunk_pool: ThreadPoolExecutor | None = None
 _chunk_pool_workers = 0
+_chunk_pool_pid = 0  # a forked child inherits the pool object but not its threads: it makes its own
 
 
 def _chunk_threads(num_chunks: int) -> int:
@@ -270,7 +271,7 @@ def run_chunks(chunks: list[ExpertChunk], body, make_state) -> list:
 
     The intra-op thread count is set to 1 for the duration (process-wide, restored after) so that the threads do
     not each fan out into a thread team: two levels of threads on two cores would oversubscribe them."""
-    global _chunk_pool, _chunk_pool_workers
+    global _chunk_pool, _chunk_pool_workers, _chunk_pool_pid
     threads = _chunk_threads(len(chunks))
     states = [make_state(i) for i in range(threads)]
     if threads == 1:
@@ -295,11 +296,11 @@ def run_chunks(chunks: list[ExpertChunk], body, make_state) -> list:
             for chunk in share:
                 body(chunk, state)
 
-    if _chunk_pool_workers < threads - 1:
-        if _chunk_pool is not None:
+    if _chunk_pool_workers < threads - 1 or _chunk_pool_pid != os.getpid():
+        if _chunk_pool is not None and _chunk_pool_pid == os.getpid():
             _chunk_pool.shutdown(wait=False)
         _chunk_pool = ThreadPoolExecutor(max_workers=threads - 1, thread_name_prefix="ernie5-chunks")
-        _chunk_pool_workers = threads - 1
+        _chunk_pool_workers, _chunk_pool_pid = threads - 1, os.getpid()
     intra = torch.get_num_threads()
     torch.set_num_threads(1)
     try:

@@ -254,6 +254,30 @@ def test_chunk_threads_setting(monkeypatch, intra_op_threads):
     assert {n for _, _, n in seen} == {1}
 
 
+def test_chunks_on_threads_work_in_a_forked_child(intra_op_threads):
+    """A forked child inherits the thread pool object but none of its threads, so work sent there would wait
+    forever: the child must make its own pool. The child gives up after 20 s (SIGALRM) instead of hanging."""
+    import os
+    import signal
+
+    intra_op_threads(2)
+    case = make_case(64, 16, 8, 4, 2, dtype=torch.float32, seed=5)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(cpu_kernels, "CHUNK_ROWS", 8)
+        want = sorted_experts_forward(*case[:5])  # the parent's pool now exists
+        pid = os.fork()
+        if pid == 0:  # child: never return into pytest
+            signal.alarm(20)
+            try:
+                got = sorted_experts_forward(*case[:5])
+                os._exit(0 if torch.equal(got, want) else 3)
+            except BaseException:
+                os._exit(4)
+        _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0, "the child hung (-14 = killed by its alarm) or computed wrong"
+
+
+
 def test_matmul_driver_choice():
     x, gate_up, down = torch.zeros(8, 32), torch.zeros(8, 32, 32), torch.zeros(8, 32, 16)
     assert not use_grouped_mm("auto", x, gate_up, down)  # on CPU the chunked loop is faster
