@@ -13,7 +13,7 @@ REPO = Path(__file__).resolve().parents[2]
 
 DRIVER = textwrap.dedent(
     """
-    import sys, torch, torch.distributed as dist
+    import gc, os, sys, time, torch, torch.distributed as dist
     from torch.distributed.fsdp import fully_shard
     from modeling_ernie5 import ElasticSpec, Ernie5Config, Ernie5ForCausalLM
 
@@ -56,7 +56,17 @@ DRIVER = textwrap.dedent(
         diff = max((state[k] - v).abs().max().item() for k, v in want.items() if v.is_floating_point())
         moved = whole.model.layers[0].mlp.gate.e_score_correction_bias.abs().max().item()
         print(f"MAX PARAM DIFF {diff:.3e} BIAS MOVED {moved:.3e}")
+    # Teardown as `training.trainer.end_distributed_training` does it: drop what holds the group, let the gloo
+    # workers take the GIL to free their last tensors, destroy the group; then leave without interpreter
+    # finalization, where gloo threads left to static destructors abort a rank now and then ("terminate called
+    # without an active exception", seen once in a clean-clone run).
+    dist.barrier()
+    del sharded, opt_sharded, state
+    gc.collect()
+    time.sleep(0.1)
     dist.destroy_process_group()
+    sys.stdout.flush()
+    os._exit(0)
     """
 )
 
