@@ -23,8 +23,8 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "benchmarks"), str(ROOT / "tests" / "kernels")]
 
-from gpu_moe import timer  # noqa: E402
-from modeling_ernie5.kernels.triton import functions, ops, triton_experts_forward  # noqa: E402
+from gpu_moe import make_inputs, timer, with_weight_grad_gemm  # noqa: E402
+from modeling_ernie5.kernels.triton import functions, ops  # noqa: E402
 from test_triton_experts import _routing_in_pytorch  # noqa: E402
 
 ROUTING_CASES = [  # tokens, experts, top_k, skewed (3 crowded experts, and a sentinel slot on every 7th token)
@@ -67,27 +67,16 @@ def check_routing(tokens, experts, top_k, skewed) -> dict:
 
 
 def time_weight_grad_gemms(tokens, hidden, inter, experts, top_k) -> dict:
-    torch.manual_seed(0)
-    x = torch.randn(tokens, hidden, device=DEVICE, dtype=torch.bfloat16, requires_grad=True)
-    gate_up = (torch.randn(experts, 2 * inter, hidden, device=DEVICE) / hidden**0.5).bfloat16().requires_grad_()
-    down = (torch.randn(experts, hidden, inter, device=DEVICE) / inter**0.5).bfloat16().requires_grad_()
-    w, idx = torch.rand(tokens, experts, device=DEVICE).topk(top_k, dim=1)
-    w = w.softmax(-1).bfloat16().requires_grad_()
-    dy = torch.randn(tokens, hidden, device=DEVICE, dtype=torch.bfloat16)
-
-    def step():
-        torch.autograd.backward(triton_experts_forward(x, gate_up, down, idx, w), dy)
-
-    row, saved = {}, functions.WEIGHT_GRAD_GEMM
-    try:
-        for choice in ("triton", "grouped_mm", "auto"):  # the order of the recorded run
-            functions.WEIGHT_GRAD_GEMM = choice
-            row[f"{choice}_ms"] = median_ms(step, *ITERS["gemm"])
-    finally:
-        functions.WEIGHT_GRAD_GEMM = saved
+    x, gate_up, down, idx, w, dy = make_inputs(tokens, hidden, inter, experts, top_k, torch.bfloat16, DEVICE)
+    for t in (x, gate_up, down, w):
+        t.requires_grad_()
+    row = {}
+    for choice in ("triton", "grouped_mm", "auto"):  # the order of the recorded run
+        step = lambda: torch.autograd.backward(with_weight_grad_gemm(choice, x, gate_up, down, idx, w), dy)  # noqa: E731
+        row[f"{choice}_ms"] = median_ms(step, *ITERS["gemm"])
     flops = 18 * tokens * top_k * hidden * inter
     row.update({f"{c}_tflops": flops / row[f"{c}_ms"] / 1e9 for c in functions.WEIGHT_GRAD_GEMMS})
-    row["auto_takes_grouped_mm"] = inter >= functions.GROUPED_MM_WEIGHT_GRAD_MIN_INTER
+    row["auto_takes_grouped_mm"] = functions.weight_grads_by_grouped_mm(x, gate_up, down)  # with the default "auto"
     return row
 
 

@@ -370,11 +370,9 @@ def _experts_forward(x_TD, gate_up_EF2D, down_EDF, w_TK, layout: _Layout, save_h
         y_RD = chunk_matmul(a_RF, down_EDF, chunk, x_RD, offs)  # x_RD is dead once h is computed
         st["out"].index_add_(0, tok_R, y_RD.to(acc))
 
-    states = run_chunks(chunks, body, make_state) if loop else [make_state(0)]
-    if not loop:
-        body(chunks[0], states[0])
-        if save_h:
-            h_SF2 = states[0]["h_saved"]
+    states = run_chunks(chunks, body, make_state)  # the grouped path is one chunk: one thread
+    if not loop and save_h:
+        h_SF2 = states[0]["h_saved"]
     for st in states[1:]:
         out_TD.add_(st["out"])
     return out_TD.to(x_TD.dtype), h_SF2
@@ -481,11 +479,8 @@ class SortedExpertsFunction(torch.autograd.Function):
                     dx_RD = chunk_matmul(dh_RF2, gate_up_EF2D.transpose(1, 2), chunk, rows_of(st["dout"], rows), offs)
                     st["dx"].index_add_(0, tok_R, dx_RD.to(acc))
 
-        if loop:
-            states = run_chunks(chunks, body, make_state)
-        else:  # one chunk of all rows; grouped_mm returns the weight gradients as new tensors
-            states = [make_state(0)]
-            body(chunks[0], states[0])
+        states = run_chunks(chunks, body, make_state)
+        if not loop:  # one chunk of all rows; grouped_mm returned the weight gradients as new tensors
             d_gate_up = states[0]["grads"].get("gate_up", d_gate_up)
             d_down = states[0]["grads"].get("down", d_down)
         for st in states[1:]:
