@@ -126,8 +126,9 @@ def _routing_in_pytorch(idx, w, num_experts, block_m, dtype):
     (3, 3, 1, "uniform"),
 ])  # fmt: skip
 def test_sort_routing_matches_pytorch(tokens, experts, top_k, routing):
-    """The two routing-prep kernels (rows: token, position, weight; layout: per-expert counts and the M-blocks, one
-    program with binary searches) give exactly what the plain PyTorch ops give, spare blocks included."""
+    """The two routing-prep kernels (rows: token, position, weight; layout: per-expert counts by binary search and
+    the M-blocks, several programs of a few blocks each) give exactly what the plain PyTorch ops give, spare blocks
+    included."""
     from modeling_ernie5.kernels.triton import ops
 
     _, _, _, idx, w, _ = make_case(tokens, 8, 8, experts, top_k, dtype=torch.float32, routing=routing,
