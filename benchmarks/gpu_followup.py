@@ -21,11 +21,10 @@ from pathlib import Path
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path[:0] = [str(ROOT), str(ROOT / "benchmarks"), str(ROOT / "tests" / "kernels")]
+sys.path[:0] = [str(ROOT), str(ROOT / "benchmarks")]
 
 from gpu_moe import make_inputs, timer, with_weight_grad_gemm  # noqa: E402
 from modeling_ernie5.kernels.triton import functions, ops  # noqa: E402
-from test_triton_experts import _routing_in_pytorch  # noqa: E402
 
 ROUTING_CASES = [  # tokens, experts, top_k, skewed (3 crowded experts, and a sentinel slot on every 7th token)
     (16384, 64, 6, False), (16384, 128, 8, False), (16384, 64, 6, True), (512, 128, 8, False), (65536, 128, 8, False),
@@ -55,12 +54,9 @@ def check_routing(tokens, experts, top_k, skewed) -> dict:
     if skewed:
         idx[::7, -1] = experts  # sentinel: an unused slot
     got = ops.sort_routing(idx, w, experts, torch.float32)
-    want = _routing_in_pytorch(idx, w, experts, got.layout[3], torch.float32)
-    pairs = dict(zip(("order", "token", "pos", "w", "counts", "offsets"),
-                     zip((got.order_S, got.token_S, got.pos_TK, got.w_S, got.counts_E, got.offsets_E), want[:6])))
-    pairs.update(zip(("block_expert", "block_row", "block_end"), zip(got.layout[:3], want[6])))
+    want = ops.sort_routing_reference(idx, w, experts, torch.float32, got.layout[3])
     return dict(
-        mismatched=[name for name, (g, r) in pairs.items() if not torch.equal(g.cpu(), r.cpu())],
+        mismatched=ops.routing_mismatches(got, want),
         sort_routing_ms=median_ms(lambda: ops.sort_routing(idx, w, experts, torch.bfloat16), *ITERS["routing"]),
         torch_sort_ms=median_ms(lambda: torch.sort(idx.reshape(-1).clamp(max=experts), stable=True), *ITERS["routing"]),
     )

@@ -31,6 +31,8 @@ import torch
 import triton
 import triton.language as tl
 
+from ..routing import group_by_expert
+
 # Read once, when this module is imported (the same moment `@triton.jit` decides interpreter vs. compiler).
 INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
@@ -274,6 +276,46 @@ def sort_routing(idx_TK: torch.Tensor, w_TK: torch.Tensor, num_experts: int, dty
         order_S=order_S, token_S=token_S, pos_TK=pos_TK.view(num_tokens, top_k), w_S=w_S,
         offsets_E=per_expert[0], counts_E=per_expert[1], layout=(blocks[0], blocks[1], blocks[2], block_m),
     )
+
+
+def sort_routing_reference(
+    idx_TK: torch.Tensor, w_TK: torch.Tensor, num_experts: int, dtype: torch.dtype, block_m: int
+) -> SortedRouting:
+    """What `sort_routing` computes, in plain PyTorch ops (with host syncs): the definition its kernels are checked
+    against, exactly, by the tests and by `benchmarks/gpu_followup.py` at full sizes. `block_m` is taken from the
+    result under test, since `pick_block_m` depends on whether Triton is interpreted."""
+    num_tokens, top_k = idx_TK.shape
+    device = idx_TK.device
+    groups = group_by_expert(idx_TK, num_experts)
+    order_S, offsets_E, counts_E = groups.order_S, groups.offsets_E, groups.counts_E
+    pos_TK = torch.empty_like(order_S)
+    pos_TK[order_S] = torch.arange(order_S.numel(), device=device)
+    pos_TK = pos_TK.view(num_tokens, top_k).masked_fill(idx_TK >= num_experts, -1)
+    # M-blocks: expert e owns blocks [first_e, last_e), each starting block_m rows after the previous one.
+    last_E = ((counts_E + block_m - 1) // block_m).cumsum(0)
+    used = int(last_E[-1]) if num_experts else 0
+    block_B = torch.arange(used, device=device)
+    owner_B = torch.searchsorted(last_E, block_B, right=True)
+    first_E = last_E - (counts_E + block_m - 1) // block_m
+    row_B = (offsets_E - counts_E)[owner_B] + (block_B - first_E[owner_B]) * block_m
+    # Spare blocks (up to the host-side bound) point at the end of the routed rows, under the last expert.
+    routed = int(offsets_E[-1]) if num_experts else 0
+    spare = max_blocks(order_S.numel(), num_experts, block_m) - used
+    pad = lambda t, value: torch.cat([t, t.new_full((spare,), value)]).to(torch.int32)  # noqa: E731
+    layout = (pad(owner_B, num_experts - 1), pad(row_B, routed), pad(offsets_E[owner_B], routed), block_m)
+    return SortedRouting(
+        order_S=order_S, token_S=groups.token_S, pos_TK=pos_TK, w_S=w_TK.reshape(-1)[order_S].to(dtype),
+        counts_E=counts_E, offsets_E=offsets_E, layout=layout,
+    )
+
+
+def routing_mismatches(got: SortedRouting, want: SortedRouting) -> list[str]:
+    """Names of the fields (the three block tables included) where two routings differ; exact comparison."""
+    names = ("order_S", "token_S", "pos_TK", "w_S", "counts_E", "offsets_E")
+    pairs = [(name, getattr(got, name), getattr(want, name)) for name in names]
+    pairs += zip(("block_expert", "block_row", "block_end", "block_m"), got.layout, want.layout)
+    same = lambda a, b: torch.equal(a.cpu(), b.cpu()) if torch.is_tensor(a) else a == b  # noqa: E731
+    return [name for name, a, b in pairs if not same(a, b)]
 
 
 def pick_block_m(num_rows: int, num_experts: int) -> int:
