@@ -22,7 +22,8 @@ Usage:
     python benchmarks/model_step.py --batch 4 --seq 512 --rounds 5
     python benchmarks/model_step.py --phases decode --rounds 15 --dtype bfloat16   # decoding alone, many rounds
 
-Writes benchmarks/results/model_step.json and model_step.png and prints a ratio table.
+Writes benchmarks/results/model_step_<dtype>.json (model_step_<phase>_<dtype>.json when one phase is timed) and
+the matching .png, and prints a ratio table.
 """
 
 from __future__ import annotations
@@ -218,7 +219,7 @@ def plot(report: dict, path: Path) -> None:
 
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--quick", action="store_true", help="batch 2x512, 8 new tokens, 3 rounds, fast back-ends only")
+    parser.add_argument("--quick", action="store_true", help="batch 2x512, 16 new tokens, 3 rounds, fast back-ends only")
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--seq", type=int, default=512)
     parser.add_argument("--decode-batch", type=int, default=1)
@@ -237,7 +238,9 @@ def main(argv=None) -> dict:
     torch.set_num_threads(args.threads)
     report = run(args)
     print_table(report)
-    out = args.out or RESULTS / f"model_step_{args.dtype}.json"
+    # One phase alone gets its own name, so that it does not overwrite a report of both phases.
+    phases = "" if set(args.phases) == set(PHASES) else "_".join(args.phases) + "_"
+    out = args.out or RESULTS / f"model_step_{phases}{args.dtype}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report, indent=1))
     plot(report, out.with_suffix(".png"))

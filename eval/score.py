@@ -40,7 +40,10 @@ def score_file(path: str, lang: str) -> dict:
             clean.append(recall)
             f1.append(token_f1)
     if not official:
-        raise ValueError(f"{path}: no scorable lines ({len(skipped)} skipped)")
+        raise ValueError(
+            f"{path}: no scorable lines ({len(skipped)} skipped). This scorer reads the official scorer's input "
+            "(JSONL with 'prediction' and 'answer'); `eval.run` writes it as official_input.<mode>.<lang>.jsonl"
+        )
     n = len(official)
     return {
         "n": n,

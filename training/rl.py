@@ -81,7 +81,7 @@ from training.rl_stabilisers import (
     routing_for_forward,
     wpsm_weights,
 )
-from training.trainer import end_distributed_training
+from training.trainer import end_distributed_training, precision_defaults_for_this_machine
 
 logger = logging.getLogger(__name__)
 
@@ -1209,10 +1209,13 @@ def make_parser(subparsers=None, prog: str | None = None):
 
     dataclass_types = (RLScriptArguments, RLConfig)
     if subparsers is not None:
-        return subparsers.add_parser(
+        parser = subparsers.add_parser(
             "rl", help="RL post-training (GRPO/GSPO + ERNIE 5.0 stabilisers)", dataclass_types=dataclass_types
         )
-    return TrlParser(dataclass_types, prog=prog)
+    else:
+        parser = TrlParser(dataclass_types, prog=prog)
+    parser.set_defaults(**precision_defaults_for_this_machine())
+    return parser
 
 
 def main(script_args: RLScriptArguments, training_args: RLConfig) -> RLTrainer:

@@ -8,7 +8,8 @@ swaps in a training template for models it knows; `--chat_template_path` supplie
 3D expert weights via `--lora_target_parameters mlp.experts.gate_up_proj mlp.experts.down_proj`.
 
 Defaults follow the paper's Table 7 (LoRA, 1 epoch, batch 1, lr 4e-5, weight decay 0.1, max length 16384,
-seed 42); pass `--bf16 true` and a DeepSpeed ZeRO-2 config through accelerate for the paper's setting.
+seed 42); pass `--bf16 true` and a DeepSpeed ZeRO-2 config through accelerate for the paper's setting. Without a
+GPU the script defaults to `--use_cpu true --bf16 false` (fp32 on the CPU); with one, TRL's bf16 default stays.
 
     accelerate launch training/sft.py --model_name_or_path ./my-vlm --dataset_path mmat_out --data_format rr \
         --use_peft true --output_dir sft-rr
@@ -25,7 +26,7 @@ from pathlib import Path
 if __package__ in (None, ""):  # `python training/sft.py`: make the repository importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from training.trainer import end_distributed_training  # noqa: E402
+from training.trainer import end_distributed_training, precision_defaults_for_this_machine  # noqa: E402
 
 logger = logging.getLogger(__name__)
 
@@ -171,7 +172,7 @@ def make_parser(subparsers=None):
         parser = subparsers.add_parser("sft", help="MMAT SFT", dataclass_types=dataclass_types)
     else:
         parser = TrlParser(dataclass_types)
-    parser.set_defaults(**PAPER_DEFAULTS)
+    parser.set_defaults(**PAPER_DEFAULTS, **precision_defaults_for_this_machine())
     return parser
 
 

@@ -51,6 +51,21 @@ def router_biases(model) -> torch.Tensor | None:
     return torch.stack([b.detach().float().cpu() for b in found]) if found else None
 
 
+def precision_defaults_for_this_machine() -> dict:
+    """Parser defaults that let a TRL script run as typed on the machine at hand (flags still override them).
+
+    TRL's configs turn `bf16` on unless told otherwise, and `TrainingArguments` rejects bf16 on a machine without a
+    GPU unless `use_cpu` is set too, so `python training/sft.py ...` failed on a CPU-only machine. There the scripts
+    now default to `use_cpu=True, bf16=False` (fp32, as the pretraining script does); a CUDA GPU keeps bf16 where it
+    has it. Other accelerators (MPS, XPU, NPU) keep TRL's own defaults."""
+    if torch.cuda.is_available():
+        return {"bf16": torch.cuda.is_bf16_supported()}
+    others = [getattr(torch.backends, "mps", None), getattr(torch, "xpu", None), getattr(torch, "npu", None)]
+    if any(backend is not None and backend.is_available() for backend in others):
+        return {}
+    return {"use_cpu": True, "bf16": False}
+
+
 def end_distributed_training(trainer) -> None:
     """Tear down a multi-process run at the end of a training script (a no-op in a single process): every rank
     waits for the others (rank 0 may still be writing files), then the process group is destroyed, here, while the
@@ -71,4 +86,4 @@ def end_distributed_training(trainer) -> None:
     trainer.accelerator.end_training()
 
 
-__all__ = ["Ernie5Trainer", "end_distributed_training", "router_biases"]
+__all__ = ["Ernie5Trainer", "end_distributed_training", "precision_defaults_for_this_machine", "router_biases"]

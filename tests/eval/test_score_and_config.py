@@ -27,6 +27,11 @@ def test_score_file_matches_metric_and_skips_what_would_crash(tmp_path, capsys):
     assert [s["reason"] for s in result["skipped"]] == ["answer_null_or_empty", "prediction_not_a_string", "invalid_json"]
     score_main([str(path), "--lang", "en"])
     assert "Token F1-Recall:  50.0" in capsys.readouterr().out
+    # A file of another layout (eval.run's own predictions store) is refused with the name of the right file.
+    other = tmp_path / "predictions.direct.jsonl"
+    other.write_text(json.dumps({"id": "en1", "prediction": "Al Nassr"}) + "\n", encoding="utf-8")
+    with pytest.raises(ValueError, match=r"no scorable lines \(1 skipped\).*official_input\.<mode>\.<lang>\.jsonl"):
+        score_file(str(other), "en")
 
 
 def test_run_config_checks(tmp_path):

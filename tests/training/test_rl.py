@@ -207,6 +207,18 @@ def test_ahrl_hints_hard_prompts_and_measures_pass_at_k(model_dir, tokenizer, tm
     assert rows[0]["prompt"] != hinted[0]["prompt"]  # inputs are not modified in place
 
 
+def test_parser_defaults_to_fp32_on_a_cpu_only_machine():
+    """Without precision flags TRL would turn bf16 on and `TrainingArguments` would refuse it on a CPU-only machine;
+    the parser defaults to `use_cpu` + fp32 there, and an explicit `--bf16 true` still wins."""
+    if torch.cuda.is_available():
+        pytest.skip("checks the CPU-only defaults")
+    base = ["--output_dir", "unused", "--model_name_or_path", "unused"]
+    _, args = make_parser().parse_args_and_config(base)
+    assert args.use_cpu and not args.bf16
+    _, args = make_parser().parse_args_and_config([*base, "--bf16", "true"])
+    assert args.use_cpu and args.bf16
+
+
 def test_yaml_config_main_and_checkpoint_is_a_normal_ernie5_folder(model_dir, tmp_path):
     config = tmp_path / "rl.yaml"
     out = tmp_path / "run"

@@ -18,7 +18,8 @@ from processing.tools.tiny_models import build_tiny_vlm, train_tiny_tokenizer
 from training.sft import build_trainer, main, make_parser
 
 pytestmark = pytest.mark.skipif(not tesseract_available(), reason="needs `apt-get install tesseract-ocr`")
-CPU = ["--bf16", "false", "--use_cpu", "true", "--max_length", "2048", "--dataloader_num_workers", "0"]
+SMALL = ["--max_length", "2048", "--dataloader_num_workers", "0"]
+CPU = ["--bf16", "false", "--use_cpu", "true", *SMALL]
 
 
 @pytest.fixture(scope="module")
@@ -58,12 +59,14 @@ def test_rr_lora_loss_on_assistant_turns_only(mmat_run, tiny_vlm, tmp_path):
             str(tmp_path / "rr"),
             "--max_steps",
             "1",
-            *CPU,
+            *SMALL,  # no precision flags, as in the README: a CPU-only machine must default to fp32 on the CPU
         ]
     )
     assert (
         training_args.learning_rate == 4e-5 and training_args.weight_decay == 0.1 and training_args.assistant_only_loss
     )
+    if not torch.cuda.is_available():
+        assert training_args.use_cpu and not training_args.bf16
     trainer = build_trainer(script_args, training_args)
     example = trainer.train_dataset[0]
     batch = trainer.data_collator([dict(example)])

@@ -7,7 +7,7 @@ from transformers import TrainingArguments
 from modeling_ernie5 import Ernie5Config, Ernie5ForCausalLM
 from processing.text_data import pack_texts, split_corpus
 from processing.tokenizer import builtin_corpus, train_text_tokenizer
-from training.trainer import Ernie5Trainer
+from training.trainer import Ernie5Trainer, precision_defaults_for_this_machine
 
 
 @pytest.fixture(scope="module")
@@ -121,3 +121,19 @@ def test_end_distributed_training_drops_the_ddp_wrapper_before_the_process_group
             torch.distributed.destroy_process_group()
     end_distributed_training(trainer)  # no process group: nothing to do
     assert len(trainer.accelerator.calls) == 3
+
+
+def test_precision_defaults_follow_the_machine(monkeypatch):
+    """TRL's configs default to bf16, which a CPU-only machine rejects without `use_cpu`: the TRL scripts default to
+    fp32 on the CPU there, keep bf16 on a CUDA GPU that has it, and leave other accelerators to TRL."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: False)
+    if hasattr(torch, "xpu"):
+        monkeypatch.setattr(torch.xpu, "is_available", lambda: False)
+    assert precision_defaults_for_this_machine() == {"use_cpu": True, "bf16": False}
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: True)
+    assert precision_defaults_for_this_machine() == {}
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    for supported in (True, False):
+        monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda supported=supported: supported)
+        assert precision_defaults_for_this_machine() == {"bf16": supported}
