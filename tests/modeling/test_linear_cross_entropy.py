@@ -84,6 +84,37 @@ def test_bfloat16_close_to_float32():
         assert rel < 2e-2, f"{name}: relative error {rel:.3g}"
 
 
+def test_default_chunks_reuse_one_buffer_per_thread(monkeypatch):
+    """By default the chunk holds as many rows as fit `CHUNK_BYTES`; its buffer is kept between calls (a fresh
+    mapping each step cost page faults) and remade when the vocabulary, dtype or row count no longer fits. Reuse
+    must not change any result, including after a call of another shape."""
+    from modeling_ernie5 import linear_cross_entropy as lce
+
+    assert lce.default_chunk_rows(8192, torch.float32) == 1024 and lce.default_chunk_rows(151_936, torch.float32) == 64
+    monkeypatch.setattr(lce, "CHUNK_BYTES", 5 * 37 * 8)  # 5 rows of fp64 at V=37: several chunks per call
+    monkeypatch.setattr(lce, "MIN_CHUNK_ROWS", 1)
+    monkeypatch.setattr(lce, "_buffers", __import__("threading").local())
+    h, w, labels = case()
+    want = loss_and_grads(float64_reference(labels), h, w)
+    for _ in range(2):
+        got = loss_and_grads(lambda h, w: linear_cross_entropy(h, w, labels), h, w)
+        for name, g, r in zip(("loss", "d_hidden", "d_weight"), got, want):
+            torch.testing.assert_close(g, r, rtol=1e-10, atol=1e-12, msg=name)
+    first = lce._buffers.logits
+    assert first.shape == (5, 37) and first.dtype == torch.float64
+    linear_cross_entropy(h, w, labels)
+    assert lce._buffers.logits is first  # same shape: the buffer is reused
+    h2, w2, labels2 = case(vocab=53, seed=4)  # another vocabulary: a new buffer, and still exact
+    want2 = loss_and_grads(float64_reference(labels2), h2, w2)
+    got2 = loss_and_grads(lambda h, w: linear_cross_entropy(h, w, labels2), h2, w2)
+    for g, r in zip(got2, want2):
+        torch.testing.assert_close(g, r, rtol=1e-10, atol=1e-12)
+    assert lce._buffers.logits.shape[1] == 53
+    got = loss_and_grads(lambda h, w: linear_cross_entropy(h, w, labels), h, w)  # and back
+    for g, r in zip(got, want):
+        torch.testing.assert_close(g, r, rtol=1e-10, atol=1e-12)
+
+
 def test_bad_labels_and_chunk_sizes_are_named():
     h, w, labels = case()
     with pytest.raises(ValueError, match="labels must be in"):
