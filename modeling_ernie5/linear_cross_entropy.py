@@ -22,7 +22,8 @@ from .moe import accumulate_dtype
 
 # Rows per chunk by default: as many as fit a (rows, V) buffer of this size (at least 64). The three matmuls of a
 # chunk lose 20-25% of their rate at 256 rows against 1024 (fp32, 2 CPU threads, V=8192, D=512), while the softmax
-# passes cost little either way (exp dominates them). At V=150k this gives 56 rows: the matmuls are still large.
+# passes cost little either way (exp dominates them). At V=150k this gives the 64-row minimum: the matmuls there are
+# still large (64 x D x 150k).
 CHUNK_BYTES = 32 * 2**20
 MIN_CHUNK_ROWS = 64
 
@@ -88,8 +89,10 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
             if need_h:
                 torch.mm(grad_RV, weight_VD, out=grad_h[start:stop])
             if need_w:  # the first chunk writes the weight gradient, the others add to it
-                h_acc = h_RD.to(acc)
-                torch.mm(logits_RV.t(), h_acc, out=grad_w) if start == 0 else grad_w.addmm_(logits_RV.t(), h_acc)
+                if start == 0:
+                    torch.mm(logits_RV.t(), h_RD.to(acc), out=grad_w)
+                else:
+                    grad_w.addmm_(logits_RV.t(), h_RD.to(acc))
         ctx.save_for_backward(grad_h, grad_w.to(weight_VD.dtype) if need_w else None)
         return loss / divisor
 
