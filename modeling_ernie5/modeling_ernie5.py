@@ -633,6 +633,11 @@ class Ernie5ForCausalLM(Ernie5PreTrainedModel, GenerationMixin):
     def _mtp_loss(self, outputs, input_ids, attention_mask, position_ids, labels, elastic_spec, **kwargs):
         """Mean over depths of the loss of predicting token t+d+1 (d = 1..D) at position t."""
         batch, seq = input_ids.shape
+        if position_ids is None:
+            # The same rule as the backbone: image placeholders fix their own positions and attention blocks.
+            found = image_positions_and_mask(input_ids, attention_mask, self.config, outputs.pre_norm_hidden_state.dtype)
+            if found is not None:
+                position_ids, attention_mask, _ = found
         pos = position_ids if position_ids is not None else text_positions(attention_mask, batch, seq, 0, input_ids.device)
         if pos.dim() == 2:
             pos = pos.unsqueeze(0).expand(3, -1, -1)

@@ -220,6 +220,26 @@ def test_understanding_goes_through_the_backbone(model):
         Ernie5ForCausalLM(Ernie5Config()).model(ids, pixel_values=px)
 
 
+def test_causal_lm_mtp_loss_takes_the_image_layout_like_the_backbone():
+    """A text-class model given image placeholders (TRL loads `AutoModelForCausalLM`) derives the image's positions and
+    block mask in the backbone; the MTP loss must use the same ones, not plain text positions and a causal mask."""
+    from modeling_ernie5.multimodal_layout import image_positions_and_mask
+
+    cfg = vision_config()
+    cfg.router_bias_update_rate = 0.0
+    torch.manual_seed(0)
+    lm = Ernie5ForCausalLM(cfg).train()
+    assert len(lm.mtp) == 1
+    ids = torch.randint(1, 60, (2, 30))
+    ids[:, 4], ids[:, 5 : 5 + U], ids[:, 5 + U] = BOI, IMG, EOI
+    labels = ids.masked_fill(ids == IMG, -100)
+    implicit = lm(ids, labels=labels)
+    positions, mask, _ = image_positions_and_mask(ids, None, cfg, torch.float32)
+    explicit = lm(ids, labels=labels, position_ids=positions, attention_mask=mask)
+    torch.testing.assert_close(implicit.lm_loss, explicit.lm_loss, rtol=0, atol=0)
+    torch.testing.assert_close(implicit.mtp_loss, explicit.mtp_loss, rtol=0, atol=0)
+
+
 def test_cached_text_generation_after_an_image_matches_full_forward(model):
     ids = torch.tensor([[1, 2, BOI] + [IMG] * U + [EOI, 3]])
     px = toy_pixels(1)
