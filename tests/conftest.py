@@ -28,6 +28,7 @@ for key, value in {
 }.items():
     os.environ.setdefault(key, value)
 
+import pytest  # noqa: E402
 import torch  # noqa: E402
 
 torch.set_num_threads(1)
@@ -35,3 +36,29 @@ torch.set_num_threads(1)
 # module can import transformers or torch code that pulls Triton in, so the kernels run on the CPU interpreter.
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+
+
+# First lines of a subprocess script that must run as on a machine with only transformers and a saved folder: the
+# installed ernie5 packages (editable installs included) become unimportable, and the script checks that they are.
+WITHOUT_ERNIE5_PACKAGES = """
+import importlib.abc, sys
+
+class HidePackage(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] in ("modeling_ernie5", "processing", "training", "eval", "examples"):
+            raise ImportError(name + " hidden by the test")
+        return None
+
+sys.meta_path.insert(0, HidePackage())
+try:
+    import modeling_ernie5
+    raise SystemExit("package importable: the test is not isolating it")
+except ImportError:
+    pass
+"""
+
+
+@pytest.fixture
+def without_ernie5_packages() -> str:
+    """`WITHOUT_ERNIE5_PACKAGES`: put it first in a subprocess script (run it with `PYTHONPATH=""`)."""
+    return WITHOUT_ERNIE5_PACKAGES

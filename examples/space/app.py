@@ -2,7 +2,8 @@
 
 The checkpoint folder is `MODEL_DIR` (default: `model/` next to this file) and loads with
 `trust_remote_code=True`, so the Space needs only transformers, torch and gradio — not the ernie5 package.
-Run locally with `python examples/space/app.py`; `examples/space/build_space.py` assembles a ready-to-push folder.
+Run locally with `MODEL_DIR=path/to/checkpoint python examples/space/app.py`; `examples/space/build_space.py`
+assembles a ready-to-push folder with the checkpoint in `model/`.
 """
 
 from __future__ import annotations
@@ -23,6 +24,11 @@ MAX_NEW_TOKENS = 128
 def load(model_dir: str = MODEL_DIR):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    if not os.path.isfile(os.path.join(model_dir, "config.json")):
+        raise ValueError(
+            f"no checkpoint in {model_dir}: set MODEL_DIR to a saved ernie5 model, or build the Space folder with "
+            "examples/space/build_space.py"
+        )
     tokenizer = AutoTokenizer.from_pretrained(model_dir, trust_remote_code=True)
     model = AutoModelForCausalLM.from_pretrained(model_dir, trust_remote_code=True).eval()
     return model, tokenizer
