@@ -36,8 +36,17 @@ class PredictionStore:
                         continue
                     if isinstance(record, dict) and "id" in record and "prediction" in record:
                         self.records[str(record["id"])] = record
-            if self.torn_lines:
+            # A last line without its newline (the writer stopped right after the JSON) would swallow the next
+            # append into one torn line: rewrite then too.
+            if self.torn_lines or not self._ends_with_newline():
                 self._rewrite()
+
+    def _ends_with_newline(self) -> bool:
+        with open(self.path, "rb") as f:
+            if f.seek(0, os.SEEK_END) == 0:
+                return True
+            f.seek(-1, os.SEEK_END)
+            return f.read(1) == b"\n"
 
     def _rewrite(self) -> None:
         # Drop torn lines now so that later appends do not land after half a record.

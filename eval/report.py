@@ -44,15 +44,16 @@ def dynvqa_markdown(result: dict) -> str:
         f"search rounds {result['retrieval']['search_rounds']}",
         f"- date: {result['date']}",
         "",
-        "| mode | n | F1-recall (official) | F1-recall (clean) | token F1 (clean) "
+        "| mode | n | not predicted | F1-recall (official) | F1-recall (clean) | token F1 (clean) "
         "| official, without lang-mismatch | images missing | failed searches |",
-        "|---|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for mode, m in result["modes"].items():
+        # Items whose generation failed are left out of the scores: shown so that a smaller n is not missed.
         lines.append(
-            f"| {mode} | {m['n']} | {_fmt(m['official']['all'])} | {_fmt(m['clean']['all'])} | "
-            f"{_fmt(m['clean']['token_f1'])} | {_fmt(m['official']['without_language_mismatch'])} | "
-            f"{m['images_missing']} | {m['search_failures']} |"
+            f"| {mode} | {m['n']} | {m.get('not_predicted', 0)} | {_fmt(m['official']['all'])} | "
+            f"{_fmt(m['clean']['all'])} | {_fmt(m['clean']['token_f1'])} | "
+            f"{_fmt(m['official']['without_language_mismatch'])} | {m['images_missing']} | {m['search_failures']} |"
         )
     by_lang = [(mode, m) for mode, m in result["modes"].items() if len(m["official"]["by_lang"]) > 1]
     if by_lang:
@@ -159,19 +160,26 @@ def compare_runs(
     results = [_load_result(p) for p in run_paths]
     columns: list[str] = []
     rows: dict[str, dict[str, float | None]] = {}
-    for r in results:
+    filled_by: dict[tuple[str, str], str] = {}  # (row, column) -> the run that filled it
+    for path, r in zip(run_paths, results):
+        # Runs sharing a name form one row (one model, several benchmarks); two runs may not fill one cell.
         row = rows.setdefault(r["run_name"], {})
+        cells = {}
         if r["benchmark"] == "dynvqa":
             langs = "+".join(sorted({d["lang"] for d in r["data"]}))
             for mode, m in r["modes"].items():
                 for kind in ("official", "clean"):
-                    col = f"Dyn-VQA {mode} {kind} ({langs})"
-                    row[col] = m[kind]["all"]
-                    if col not in columns:
-                        columns.append(col)
+                    cells[f"Dyn-VQA {mode} {kind} ({langs})"] = m[kind]["all"]
         else:
-            col = r.get("paper_name") or r["benchmark"]
-            row[col] = r["score"]
+            cells[r.get("paper_name") or r["benchmark"]] = r["score"]
+        for col, value in cells.items():
+            other = filled_by.setdefault((r["run_name"], col), str(path))
+            if other != str(path):
+                raise ValueError(
+                    f"{other} and {path} are both named {r['run_name']!r} and both report {col!r}; "
+                    "give them distinct names (`eval.run --run-name`)"
+                )
+            row[col] = value
             if col not in columns:
                 columns.append(col)
     paper_rows: dict[str, dict[str, float | None]] = {}

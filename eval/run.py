@@ -357,11 +357,16 @@ def _check_resume_target(cfg: RunConfig) -> None:
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     meta_path = out / "run_meta.json"
-    meta = {"model": os.path.abspath(cfg.model) if cfg.model else None, "benchmark": cfg.benchmark.lower(),
-            "max_new_tokens": cfg.max_new_tokens, "top_k": cfg.top_k, "search_rounds": cfg.search_rounds}
+    local = lambda path: os.path.abspath(path) if path else None  # noqa: E731
+    # Everything that changes what a finished item's prediction would be (item filters such as --limit do not).
+    meta = {"model": local(cfg.model), "benchmark": cfg.benchmark.lower(), "data": [local(d) for d in cfg.data],
+            "split": cfg.split, "release": cfg.release, "max_new_tokens": cfg.max_new_tokens, "top_k": cfg.top_k,
+            "search_rounds": cfg.search_rounds, "image_dir": local(cfg.image_dir), "corpus": local(cfg.corpus),
+            "web_search_url": cfg.web_search_url, "dtype": cfg.dtype, "model_kind": cfg.model_kind}  # fmt: skip
     if meta_path.exists():
         previous = json.loads(meta_path.read_text(encoding="utf-8"))
-        changed = {k: (previous.get(k), v) for k, v in meta.items() if previous.get(k) != v}
+        # Keys an older version did not record cannot be checked.
+        changed = {k: (previous[k], v) for k, v in meta.items() if k in previous and previous[k] != v}
         if changed:
             raise ValueError(f"{out} holds predictions made with other settings {changed}; "
                              "finished items would be mixed in. Use a new --out or delete the folder.")

@@ -106,7 +106,7 @@ def load_hf_disk(
             if isinstance(answer, int) and not isinstance(answer, bool) and 0 <= answer < len(options):
                 letter = LETTERS[answer]
                 counts["answer_given_as_index"] += 1
-            elif first.upper() in LETTERS[: len(options)]:
+            elif len(first) == 1 and first.upper() in LETTERS[: len(options)]:
                 letter = first.upper()
             elif first in options:
                 letter = LETTERS[options.index(first)]

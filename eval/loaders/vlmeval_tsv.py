@@ -112,7 +112,7 @@ def load_vlmeval_tsv(
         references = [str(a).strip() for a in parse_list_cell(answer)] if answer.startswith("[") else [answer]
         letter = None
         if options:
-            if answer.upper() in LETTERS[: len(options)]:
+            if len(answer) == 1 and answer.upper() in LETTERS[: len(options)]:
                 letter = answer.upper()
             elif answer in options:
                 letter = LETTERS[options.index(answer)]

@@ -90,6 +90,9 @@ def test_mc_accuracy_module():
     assert out["letters"] == ["B", "B", None]
     with pytest.raises(ValueError, match="option letter"):
         metric.compute(predictions=["A"], references=["cat"])
+    for bad in ("", "AB"):  # substrings of the letter run, but no single letter: refused, not scored 0
+        with pytest.raises(ValueError, match="option letter"):
+            metric.compute(predictions=["A"], references=[bad])
 
 
 def test_ocrbench_match():

@@ -111,7 +111,7 @@ def test_dynvqa_three_modes_resume_and_official_format(tiny_llava, dynvqa_setup,
 
     for name in ("result.json", "report.md", "scores.png"):
         assert (out / name).stat().st_size > 0
-    assert "| agent | 6 |" in (out / "report.md").read_text(encoding="utf-8")
+    assert "| agent | 6 | 0 |" in (out / "report.md").read_text(encoding="utf-8")  # n, not predicted
 
     # Resume: a rerun generates nothing; a lost line and a torn line are redone for that item only.
     model.calls.clear()
@@ -126,6 +126,8 @@ def test_dynvqa_three_modes_resume_and_official_format(tiny_llava, dynvqa_setup,
     assert len(path.read_text(encoding="utf-8").splitlines()) == 6
     with pytest.raises(ValueError, match="other settings"):
         evaluate_run(RunConfig(**{**cfg.__dict__, "max_new_tokens": 9}), model=model)
+    with pytest.raises(ValueError, match="image_dir"):  # e.g. the images were forgotten in the first run
+        evaluate_run(RunConfig(**{**cfg.__dict__, "image_dir": str(tmp_path / "other-images")}), model=model)
 
 
 @pytest.mark.slow
@@ -143,6 +145,9 @@ def test_text_only_model_cli_and_comparison(tiny_causal_lm, dynvqa_setup, tmp_pa
                   "--modes", "golden", "--limit", "2", "--max-new-tokens", "3"])
     assert no_rt["modes"]["golden"]["search_failures"] == 2 and no_rt["modes"]["golden"]["n"] == 2
 
+    # Two runs that share a name and report the same column would overwrite each other: refused, naming both.
+    with pytest.raises(ValueError, match="both named 'no-rt'"):
+        compare_runs([str(tmp_path / "no-rt"), str(tmp_path / "no-rt" / "result.json")], tmp_path / "dup")
     table = compare_runs([str(out), str(tmp_path / "no-rt")], tmp_path / "cmp")
     assert "Dyn-VQA golden official (en)" in table["columns"]
     assert table["paper"]["paper: InternVL2.5-8B"]["Dyn-VQA golden official (en)"] == 35.2

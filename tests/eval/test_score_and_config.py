@@ -20,11 +20,14 @@ def test_score_file_matches_metric_and_skips_what_would_crash(tmp_path, capsys):
         {"question_id": "en2", "answer": ["Al-Nassr"], "prediction": "Al-Nassr"},
         {"question_id": "en3", "answer": None, "prediction": "x"},  # official script: TypeError
         {"question_id": "en4", "answer": ["x"], "prediction": None},
+        {"question_id": "en5", "answer": [None], "prediction": "x"},  # no usable gold: skipped, not a crash
     ]
     path.write_text("".join(json.dumps(l) + "\n" for l in lines) + "{torn", encoding="utf-8")
     result = score_file(str(path), "en")
     assert (result["n"], result["official_f1_recall"], result["clean_f1_recall"]) == (2, 50.0, 100.0)
-    assert [s["reason"] for s in result["skipped"]] == ["answer_null_or_empty", "prediction_not_a_string", "invalid_json"]
+    assert [s["reason"] for s in result["skipped"]] == [
+        "answer_null_or_empty", "prediction_not_a_string", "answer_null_or_empty", "invalid_json"
+    ]  # fmt: skip
     score_main([str(path), "--lang", "en"])
     assert "Token F1-Recall:  50.0" in capsys.readouterr().out
     # A file of another layout (eval.run's own predictions store) is refused with the name of the right file.
@@ -56,3 +59,15 @@ def test_release_lookup(tmp_path):
     root = require_real_dynvqa()
     assert release_path(root).name == "DynVQA_en.202412.jsonl"
     assert release_path(root, "zh", "202406").name == "DynVQA_zh.202406.jsonl"
+
+
+def test_prediction_store_survives_a_last_line_without_newline(tmp_path):
+    """A writer stopped right after a record's JSON leaves no newline; the next append must not merge into it."""
+    from eval.predictions import PredictionStore
+
+    path = tmp_path / "predictions.jsonl"
+    path.write_text(json.dumps({"id": "a", "prediction": "x"}), encoding="utf-8")  # no trailing newline
+    store = PredictionStore(path)
+    store.add({"id": "b", "prediction": "y"})
+    again = PredictionStore(path)
+    assert sorted(again.records) == ["a", "b"] and again.torn_lines == 0

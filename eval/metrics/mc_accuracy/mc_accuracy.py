@@ -128,7 +128,7 @@ class McAccuracy(evaluate.Metric):
         letters, scores = [], []
         for i, (pred, ref) in enumerate(zip(predictions, references)):
             ref = str(ref).strip().upper()
-            if ref not in LETTERS:
+            if len(ref) != 1 or ref not in LETTERS:
                 raise ValueError(f"item {i}: reference {ref!r} is not an option letter")
             letter = extract_letter(pred or "", choices[i] if choices is not None else None)
             letters.append(letter)
