@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import sys
 import time
@@ -45,6 +46,8 @@ from transformers import HfArgumentParser, SchedulerType, TrainerCallback, Train
 
 from training.elastic_sampler import KINDS, ElasticSampler
 from training.trainer import end_distributed_training
+
+logger = logging.getLogger(__name__)
 
 MODEL_PRESETS = ("tiny", "ablation-3b")
 
@@ -242,6 +245,9 @@ def build_datasets(cfg: PretrainConfig):
         tok_dir = os.path.join(cfg.output_dir, "tokenizer")
         with cfg.main_process_first(desc="train tokenizer"):
             if os.path.isfile(os.path.join(tok_dir, "tokenizer.json")):
+                # A rerun (or resume) into the same output_dir keeps the tokenizer the checkpoints were trained with.
+                logger.warning("reusing the tokenizer in %s (--vocab_size and the corpus do not retrain it); "
+                               "delete that folder to train a new one", tok_dir)  # fmt: skip
                 tokenizer = AutoTokenizer.from_pretrained(tok_dir)
             else:
                 from processing.tokenizer import train_text_tokenizer
@@ -353,12 +359,20 @@ class ElasticTrainer(_base_trainer()):
 
     @torch.no_grad()
     def _record(self, group, labels, out) -> None:
-        """Per-kind next-token loss of each row, and expert loads of the full-configuration forward."""
-        logits = out.logits[:, :-1].float()
-        target = labels[:, 1:]
-        nll = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), target.reshape(-1), ignore_index=-100, reduction="none")
-        nll_B = nll.view(target.shape).sum(1).double().cpu()
-        tok_B = (target != -100).sum(1).double().cpu()
+        """Per-kind next-token loss of each row, and expert loads of the full-configuration forward.
+
+        With the fused loss (`config.fused_linear_cross_entropy`) the model returns no logits: rows are still counted
+        per kind (`share_*`), but their losses (`loss_*`) are not logged."""
+        if out.logits is not None:
+            logits = out.logits[:, :-1].float()
+            target = labels[:, 1:]
+            nll = F.cross_entropy(
+                logits.reshape(-1, logits.shape[-1]), target.reshape(-1), ignore_index=-100, reduction="none"
+            )
+            nll_B = nll.view(target.shape).sum(1).double().cpu()
+            tok_B = (target != -100).sum(1).double().cpu()
+        else:
+            nll_B = tok_B = torch.zeros(len(group.draws), dtype=torch.float64)
         for i, draw in enumerate(group.draws):
             row = torch.stack([nll_B[i], tok_B[i], torch.ones((), dtype=torch.float64)])
             for kind in draw.kinds:
@@ -408,7 +422,8 @@ class TimeLimitCallback(TrainerCallback):
         self.start = time.time()
 
     def on_step_end(self, args, state, control, **kwargs):
-        stop = torch.tensor([float(time.time() - self.start > self.limit_s)])
+        # On the training device: NCCL (multi-GPU, FSDP) broadcasts CUDA tensors only.
+        stop = torch.tensor([float(time.time() - self.start > self.limit_s)], device=args.device)
         if torch.distributed.is_available() and torch.distributed.is_initialized():
             torch.distributed.broadcast(stop, src=0)  # one small collective per step, only when time-limited
         if stop.item():

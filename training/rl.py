@@ -1172,14 +1172,18 @@ def load_rl_dataset(name: str, split: str = "train", toy_world_scenes: int = 64,
         return toy_world_dataset(toy_world_scenes, seed)
     if os.path.isdir(name):
         ds = datasets.load_from_disk(name)
-        return ds[split] if isinstance(ds, datasets.DatasetDict) else ds
-    ext = os.path.splitext(name)[1].lstrip(".")
-    builder = {"jsonl": "json", "json": "json", "csv": "csv", "parquet": "parquet"}.get(ext)
-    if builder is None or not os.path.exists(name):
-        raise ValueError(
-            f"dataset {name!r}: expected 'toy_world', a saved dataset folder or a json/jsonl/csv/parquet file"
-        )
-    return datasets.load_dataset(builder, data_files=name, split="train")
+        ds = ds[split] if isinstance(ds, datasets.DatasetDict) else ds
+    else:
+        ext = os.path.splitext(name)[1].lstrip(".")
+        builder = {"jsonl": "json", "json": "json", "csv": "csv", "parquet": "parquet"}.get(ext)
+        if builder is None or not os.path.exists(name):
+            raise ValueError(
+                f"dataset {name!r}: expected 'toy_world', a saved dataset folder or a json/jsonl/csv/parquet file"
+            )
+        ds = datasets.load_dataset(builder, data_files=name, split="train")
+    if "prompt" not in ds.column_names:  # what TRL's GRPO trainer reads; it would fail later with a bare KeyError
+        raise ValueError(f"dataset {name!r} has no 'prompt' column (columns: {ds.column_names})")
+    return ds
 
 
 @dataclass
@@ -1238,7 +1242,8 @@ def main(script_args: RLScriptArguments, training_args: RLConfig) -> RLTrainer:
     trainer = RLTrainer(
         model=model, reward_funcs=rewards, args=training_args, train_dataset=dataset, processing_class=tokenizer
     )
-    trainer.train()
+    # `Trainer` does not read this argument itself: the script passes it on.
+    trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
     trainer.save_model(training_args.output_dir)
     end_distributed_training(trainer)
     return trainer

@@ -97,6 +97,8 @@ def load_sft_dataset(args: SFTScriptArguments):
     from processing.mmat.released import load_mmat1m_jsonl
 
     path = Path(args.dataset_path)
+    if not path.exists():
+        raise ValueError(f"--dataset_path {path} does not exist (a released MMAT-1M JSONL file or an MMAT output folder)")
     if path.is_file():
         ds = load_mmat1m_jsonl(path, image_root=args.image_root, max_samples=args.max_samples)
     else:
@@ -154,7 +156,8 @@ def build_trainer(script_args: SFTScriptArguments, training_args):
 def main(script_args: SFTScriptArguments, training_args) -> dict:
     """Train, save the model (or adapter) and processor, and return the final training metrics."""
     trainer = build_trainer(script_args, training_args)
-    result = trainer.train()
+    # `Trainer` does not read this argument itself: the script passes it on.
+    result = trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
     trainer.save_model(training_args.output_dir)
     metrics = dict(result.metrics)
     trainer.log_metrics("train", metrics)

@@ -83,8 +83,13 @@ def test_yaml_config_and_command_line_overrides(tmp_path):
     for name in ("tiny_elastic.yaml", "tiny_baseline.yaml"):
         cfg = parse_args(["--config", str(REPO / "training" / "configs" / name), "--output_dir", str(tmp_path / name)])
         assert cfg.elastic is (name == "tiny_elastic.yaml")
+    from accelerate.commands.config.config_args import load_config_from_file
+
     for path in sorted((REPO / "training" / "accelerate_configs").glob("*.yaml")):
-        assert "distributed_type" in yaml.safe_load(path.read_text())
+        launch = load_config_from_file(str(path))  # what `accelerate launch --config_file` reads
+        assert launch.distributed_type is not None
+        if launch.distributed_type == "FSDP":  # the final save_model writes weights for a full state dict only
+            assert launch.fsdp_config["fsdp_state_dict_type"] == "FULL_STATE_DICT"
 
 
 def _per_step(history):
@@ -175,3 +180,15 @@ def test_accelerate_launch_runs_the_same_script(corpus, tmp_path, run_launcher):
     summary = json.loads((out / "pretrain_summary.json").read_text())
     assert summary["global_step"] == 2 and summary["elastic"] is True
     assert (out / "model.safetensors").exists() and (out / "tokenizer.json").exists()
+
+
+def test_fused_loss_trains_elastically_and_counts_rows_per_kind(corpus, tmp_path):
+    """With `fused_linear_cross_entropy` the model returns no logits: elastic training still runs, counts its rows
+    per kind (`share_*`) and leaves out the per-kind losses it cannot compute without logits."""
+    out = tmp_path / "fused"
+    overrides = json.dumps({"num_hidden_layers": 4, "fused_linear_cross_entropy": True})
+    train(parse_args(base_args(corpus, out, max_steps=3, save_steps=3, model_overrides=overrides)))
+    steps = _per_step(json.loads((out / "checkpoint-3" / "trainer_state.json").read_text())["log_history"])
+    assert sorted(steps) == [1, 2, 3] and all(math.isfinite(h["loss"]) for h in steps.values())
+    assert all(any(k.startswith("share_") for k in h) for h in steps.values())
+    assert not any(k.startswith("loss_") for h in steps.values() for k in h)

@@ -19,6 +19,7 @@ from training.rl import (
     RLTrainer,
     RoutingRecorder,
     hf_chunked_advance,
+    load_rl_dataset,
     main,
     make_parser,
     moe_blocks,
@@ -245,6 +246,36 @@ def test_yaml_config_main_and_checkpoint_is_a_normal_ernie5_folder(model_dir, tm
     for key, value in reloaded.state_dict().items():
         assert torch.equal(value, trained[key]), key
     assert not (out / "rl_curves.png").exists()
+
+
+def test_main_resumes_from_a_checkpoint(model_dir, tmp_path):
+    """`--resume_from_checkpoint` reaches `trainer.train` (the Trainer never reads it by itself): the resumed run
+    starts at the checkpoint's step and trains only the steps that are left."""
+    out = tmp_path / "run"
+
+    def run(max_steps, *extra):
+        argv = ["--model_name_or_path", str(model_dir), "--toy_world_scenes", "3", "--output_dir", str(out),
+                "--gradient_checkpointing", "false", "--report_to", "none", "--per_device_train_batch_size", "4",
+                "--num_generations", "4", "--max_completion_length", "4", "--logging_steps", "1", "--plot", "false",
+                "--save_strategy", "steps", "--save_steps", "1", "--max_steps", str(max_steps), *extra]  # fmt: skip
+        return main(*make_parser().parse_args_and_config(argv))
+
+    run(1)
+    assert (out / "checkpoint-1" / "trainer_state.json").exists()
+    resumed = run(2, "--resume_from_checkpoint", str(out / "checkpoint-1"))
+    assert resumed.state.global_step == 2
+    assert [h["step"] for h in resumed.state.log_history if "loss" in h] == [1, 2]  # step 1 restored, step 2 new
+    with pytest.raises(ValueError, match="valid checkpoint|not a valid"):
+        run(2, "--resume_from_checkpoint", str(tmp_path / "nothing"))
+
+
+def test_rl_dataset_without_a_prompt_column_is_named(tmp_path):
+    path = tmp_path / "rows.jsonl"
+    path.write_text(json.dumps({"question": "2+2?", "answer": "4"}) + "\n")
+    with pytest.raises(ValueError, match=r"no 'prompt' column \(columns: \['question', 'answer'\]\)"):
+        load_rl_dataset(str(path))
+    path.write_text(json.dumps({"prompt": "2+2?", "answer": "4"}) + "\n")
+    assert load_rl_dataset(str(path))[0]["prompt"] == "2+2?"
 
 
 def test_config_rejects_impossible_settings(tmp_path):

@@ -108,6 +108,17 @@ def test_orr_full_finetune_from_released_jsonl(mmat_run, tiny_vlm, tmp_path):
     assert any(not torch.equal(before[n], after[n]) for n in before if n in after)
 
 
+def test_missing_dataset_and_resume_checkpoint_are_named(mmat_run, tiny_vlm, tmp_path):
+    """A mistyped --dataset_path says it does not exist, and --resume_from_checkpoint reaches `trainer.train`
+    (which never reads it by itself): a folder without a checkpoint is refused instead of training from step 0."""
+    common = ["--model_name_or_path", tiny_vlm, "--output_dir", str(tmp_path / "o"), "--max_steps", "1", *CPU]
+    with pytest.raises(ValueError, match="does not exist"):
+        main(*parse(["--dataset_path", str(tmp_path / "typo.jsonl"), *common]))
+    released = str(mmat_run / "integrate" / "orr.jsonl")
+    with pytest.raises(ValueError, match="valid checkpoint"):
+        main(*parse(["--dataset_path", released, "--resume_from_checkpoint", str(tmp_path / "nothing"), *common]))
+
+
 def test_ernie5_text_only_sft_with_lora_on_expert_weights(mmat_run, tmp_path):
     from modeling_ernie5 import Ernie5Config, Ernie5ForCausalLM
 
