@@ -184,18 +184,31 @@ def write_reports(series: dict[str, list[dict]], output_dir: str, meta: dict | N
     return paths
 
 
+def training_data_settings(checkpoint: str) -> dict | None:
+    """The data settings `training/pretrain.py` recorded beside a checkpoint (`pretrain_summary.json`), if any."""
+    path = os.path.join(checkpoint, "pretrain_summary.json")
+    if not os.path.isfile(path):
+        return None
+    with open(path) as f:
+        return json.load(f).get("data")
+
+
 def load_validation_ids(tokenizer, val_files: list[str] | None, block_size: int, seed: int, val_fraction: float,
-                        max_blocks: int | None) -> torch.Tensor:  # fmt: skip
+                        max_blocks: int | None, training_data: dict | None = None) -> torch.Tensor:  # fmt: skip
+    """Validation blocks: `val_files` when given; else the held-out split of the run's own training settings
+    (`training_data`, so that no validation document was trained on); else the built-in corpus split with `seed`
+    and `val_fraction`, which is held out only if training used the same (default) settings."""
     from processing.text_data import pack_texts, split_corpus
+    from training.pretrain import corpus_documents, read_documents
 
     if val_files:
-        from training.pretrain import read_documents
-
         docs = read_documents(val_files)
+    elif training_data:
+        docs = corpus_documents(training_data["train_files"], training_data.get("text_field"), training_data["seed"],
+                                training_data["max_docs"])  # fmt: skip
+        _, docs = split_corpus(docs, training_data["val_fraction"])
     else:
-        from processing.tokenizer import builtin_corpus
-
-        _, docs = split_corpus(builtin_corpus(seed=seed), val_fraction)
+        _, docs = split_corpus(corpus_documents(None, None, seed, None), val_fraction)
     ids = torch.tensor(pack_texts(tokenizer, docs, block_size)["input_ids"])
     return ids[:max_blocks] if max_blocks else ids
 
@@ -232,11 +245,18 @@ def main(argv: list[str] | None = None) -> dict:
     model = AutoModelForCausalLM.from_pretrained(args.checkpoint).eval()
     tokenizer = AutoTokenizer.from_pretrained(args.checkpoint)
     grid = [parse_grid_point(g, model.config) for g in (args.grid or default_grid(model.config))]
-    val_ids = load_validation_ids(tokenizer, args.val_files, args.block_size, args.seed, args.val_fraction, args.max_blocks)
+    training_data = None if args.val_files else training_data_settings(args.checkpoint)
+    if not args.val_files and training_data is None:
+        print(f"note: {args.checkpoint} has no pretrain_summary.json; validating on the built-in corpus split with "
+              f"--seed {args.seed} --val_fraction {args.val_fraction}, held out only if training used the same")
+    val_ids = load_validation_ids(tokenizer, args.val_files, args.block_size, args.seed, args.val_fraction,
+                                  args.max_blocks, training_data)  # fmt: skip
     rows = evaluate_grid(model, val_ids, grid, args.calibration_blocks, args.decode_new_tokens)
     out = args.output_dir or os.path.join(args.checkpoint, "elastic_grid")
     name = os.path.basename(os.path.normpath(args.checkpoint))
-    paths = write_reports({name: rows}, out, meta={"checkpoint": args.checkpoint, "val_blocks": len(val_ids)})
+    validation = "val_files" if args.val_files else "training split" if training_data else "built-in corpus split"
+    paths = write_reports({name: rows}, out, meta={"checkpoint": args.checkpoint, "val_blocks": len(val_ids),
+                                                   "validation": validation})  # fmt: skip
     print(markdown_table(rows, name))
     print(f"wrote {', '.join(paths.values())}")
     return {"rows": rows, "paths": paths}

@@ -224,20 +224,25 @@ def read_documents(paths: list[str], text_field: str = "text") -> list[str]:
     return docs
 
 
+def corpus_documents(train_files, text_field, seed: int, max_docs: int | None) -> list[str]:
+    """The documents a run splits into training and validation (`eval.elastic_grid` re-derives the same held-out
+    split from the settings `train` records in `pretrain_summary.json`)."""
+    if train_files:
+        docs = read_documents(train_files, text_field or "text")
+    else:
+        from processing.tokenizer import builtin_corpus
+
+        docs = builtin_corpus(seed=seed)
+    return docs[:max_docs] if max_docs else docs
+
+
 def build_datasets(cfg: PretrainConfig):
     """(tokenizer, train blocks, validation blocks). Rank 0 trains and saves the tokenizer; other ranks load it."""
     from transformers import AutoTokenizer
 
     from processing.text_data import pack_texts, split_corpus
 
-    if cfg.train_files:
-        docs = read_documents(cfg.train_files, cfg.text_field)
-    else:
-        from processing.tokenizer import builtin_corpus
-
-        docs = builtin_corpus(seed=cfg.seed)
-    if cfg.max_docs:
-        docs = docs[: cfg.max_docs]
+    docs = corpus_documents(cfg.train_files, cfg.text_field, cfg.seed, cfg.max_docs)
     train_docs, val_docs = split_corpus(docs, cfg.val_fraction)
     if cfg.tokenizer_name_or_path:
         tokenizer = AutoTokenizer.from_pretrained(cfg.tokenizer_name_or_path)
@@ -520,7 +525,10 @@ def train(cfg: PretrainConfig, callbacks: list | None = None) -> dict:
     result = trainer.train(resume_from_checkpoint=resume)
     trainer.save_model(cfg.output_dir)
     summary = {"output_dir": cfg.output_dir, "global_step": trainer.state.global_step, "train_loss": result.training_loss,
-               "elastic": cfg.elastic, "world_size": cfg.world_size}
+               "elastic": cfg.elastic, "world_size": cfg.world_size,
+               "data": {"train_files": [os.path.abspath(f) for f in cfg.train_files or []] or None,
+                        "text_field": cfg.text_field, "seed": cfg.seed,
+                        "max_docs": cfg.max_docs, "val_fraction": cfg.val_fraction, "block_size": cfg.block_size}}
     if trainer.is_world_process_zero():
         tokenizer.save_pretrained(cfg.output_dir)
         history = trainer.state.log_history

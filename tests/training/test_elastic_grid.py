@@ -38,3 +38,27 @@ def test_grid_measures_each_point_and_writes_reports(tmp_path):
     assert open(paths["png"], "rb").read(4) == b"\x89PNG"
     with pytest.raises(ValueError, match="calibration_blocks"):
         evaluate_grid(model, val[:4], [(4, 8, 2)], calibration_blocks=4)
+
+
+def test_validation_blocks_come_from_the_runs_own_held_out_split(tmp_path):
+    """A run with `max_docs` splits fewer documents: the grid must validate on that run's held-out part (read from
+    `pretrain_summary.json`), not on a split of the whole corpus, part of which the run trained on."""
+    from eval.elastic_grid import load_validation_ids, training_data_settings
+    from processing.text_data import pack_texts, split_corpus
+    from processing.tokenizer import train_text_tokenizer
+    from training.pretrain import corpus_documents
+
+    docs = [f"document number {i} is about item {i * 7 % 13} and colour {i % 5}" for i in range(200)]
+    (tmp_path / "corpus.txt").write_text("\n\n".join(docs))
+    data = {"train_files": [str(tmp_path / "corpus.txt")], "text_field": "text", "seed": 3, "max_docs": 60,
+            "val_fraction": 0.1, "block_size": 16}  # fmt: skip
+    (tmp_path / "pretrain_summary.json").write_text(json.dumps({"global_step": 1, "data": data}))
+    tok = train_text_tokenizer(docs, vocab_size=280)
+    assert training_data_settings(str(tmp_path)) == data and training_data_settings(str(tmp_path / "none")) is None
+    got = load_validation_ids(tok, None, 16, seed=0, val_fraction=0.05, max_blocks=None, training_data=data)
+    train_docs, val_docs = split_corpus(corpus_documents(data["train_files"], "text", 3, 60), 0.1)
+    assert torch.equal(got, torch.tensor(pack_texts(tok, val_docs, 16)["input_ids"]))
+    assert not set(val_docs) & set(train_docs)
+    # The old rule split the whole file with the grid's own fraction: part of that "validation" was trained on.
+    _, whole_split = split_corpus(corpus_documents(data["train_files"], "text", 0, None), 0.05)
+    assert set(whole_split) & set(train_docs)

@@ -192,3 +192,6 @@ def test_fused_loss_trains_elastically_and_counts_rows_per_kind(corpus, tmp_path
     assert sorted(steps) == [1, 2, 3] and all(math.isfinite(h["loss"]) for h in steps.values())
     assert all(any(k.startswith("share_") for k in h) for h in steps.values())
     assert not any(k.startswith("loss_") for h in steps.values() for k in h)
+    # The data settings are recorded, so that eval.elastic_grid validates on this run's held-out split.
+    data = json.loads((out / "pretrain_summary.json").read_text())["data"]
+    assert data["train_files"] == [str(corpus / "corpus.txt")] and data["block_size"] == 32
