@@ -492,7 +492,7 @@ def write_expert_load(loads: torch.Tensor, out_dir: str) -> None:
 
 def train(cfg: PretrainConfig, callbacks: list | None = None) -> dict:
     """Build data and model from `cfg`, train (or resume), save the final model and reports; returns a summary."""
-    from transformers import DataCollatorForLanguageModeling, set_seed
+    from transformers import default_data_collator, set_seed
     from transformers.trainer_utils import get_last_checkpoint
 
     if cfg.elastic and not cfg.elastic_anchor_full and cfg.world_size > 1:
@@ -513,7 +513,9 @@ def train(cfg: PretrainConfig, callbacks: list | None = None) -> dict:
         train_dataset=train_ds,
         eval_dataset=val_ds,
         processing_class=tokenizer,
-        data_collator=DataCollatorForLanguageModeling(tokenizer, mlm=False),
+        # Packed blocks are full length and carry their labels: stacked as they are. The language-modelling
+        # collator would rebuild the labels and mask every pad id, i.e. every EOS when a tokenizer pads with EOS.
+        data_collator=default_data_collator,
         callbacks=callbacks,
         sampler=sampler,
     )

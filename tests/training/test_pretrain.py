@@ -195,3 +195,26 @@ def test_fused_loss_trains_elastically_and_counts_rows_per_kind(corpus, tmp_path
     # The data settings are recorded, so that eval.elastic_grid validates on this run's held-out split.
     data = json.loads((out / "pretrain_summary.json").read_text())["data"]
     assert data["train_files"] == [str(corpus / "corpus.txt")] and data["block_size"] == 32
+
+
+def test_eos_labels_are_kept_when_the_tokenizer_pads_with_eos(corpus, tmp_path, monkeypatch):
+    """Many tokenizers set pad = EOS. Packed blocks have no padding, so every EOS is a target the model must learn
+    (where a document ends); the batches reaching the loss keep those labels."""
+    from transformers import AutoTokenizer
+
+    from training.pretrain import ElasticTrainer
+
+    tok = AutoTokenizer.from_pretrained(corpus / "tok")
+    tok.pad_token = tok.eos_token
+    tok.save_pretrained(tmp_path / "tok")
+    seen = []
+    original = ElasticTrainer.compute_loss
+
+    def spy(self, model, inputs, *args, **kwargs):
+        seen.append((inputs["input_ids"].clone(), inputs["labels"].clone()))
+        return original(self, model, inputs, *args, **kwargs)
+
+    monkeypatch.setattr(ElasticTrainer, "compute_loss", spy)
+    train(parse_args(base_args(corpus, tmp_path / "o", max_steps=2, tokenizer_name_or_path=tmp_path / "tok")))
+    ids, labels = seen[0]
+    assert (ids == tok.eos_token_id).any() and torch.equal(labels, ids)
