@@ -204,7 +204,7 @@ def load_validation_ids(tokenizer, val_files: list[str] | None, block_size: int,
     if val_files:
         docs = read_documents(val_files)
     elif training_data:
-        docs = corpus_documents(training_data["train_files"], training_data.get("text_field"), training_data["seed"],
+        docs = corpus_documents(training_data["train_files"], training_data["text_field"], training_data["seed"],
                                 training_data["max_docs"])  # fmt: skip
         _, docs = split_corpus(docs, training_data["val_fraction"])
     else:
@@ -219,7 +219,7 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--grid", nargs="+", default=None, help="points LAYERS:EXPERTS:TOPK or 'full' (default: a small grid)")
     p.add_argument("--output_dir", default=None, help="defaults to <checkpoint>/elastic_grid")
     p.add_argument("--val_files", nargs="*", default=None)
-    p.add_argument("--block_size", type=int, default=128)
+    p.add_argument("--block_size", type=int, default=None, help="default: the run's own (pretrain_summary.json), else 128")
     p.add_argument("--val_fraction", type=float, default=0.05)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--max_blocks", type=int, default=None)
@@ -249,7 +249,8 @@ def main(argv: list[str] | None = None) -> dict:
     if not args.val_files and training_data is None:
         print(f"note: {args.checkpoint} has no pretrain_summary.json; validating on the built-in corpus split with "
               f"--seed {args.seed} --val_fraction {args.val_fraction}, held out only if training used the same")
-    val_ids = load_validation_ids(tokenizer, args.val_files, args.block_size, args.seed, args.val_fraction,
+    block_size = args.block_size or (training_data or {}).get("block_size") or 128
+    val_ids = load_validation_ids(tokenizer, args.val_files, block_size, args.seed, args.val_fraction,
                                   args.max_blocks, training_data)  # fmt: skip
     rows = evaluate_grid(model, val_ids, grid, args.calibration_blocks, args.decode_new_tokens)
     out = args.output_dir or os.path.join(args.checkpoint, "elastic_grid")

@@ -32,7 +32,7 @@ def score_file(path: str, lang: str) -> dict:
             if not isinstance(prediction, str):
                 skipped.append({"line": lineno, "reason": "prediction_not_a_string"})
                 continue
-            if not isinstance(answers, list) or not [a for a in answers if a is not None]:
+            if not isinstance(answers, list) or all(a is None for a in answers):
                 skipped.append({"line": lineno, "reason": "answer_null_or_empty"})
                 continue
             official.append(official_item_score(prediction, answers, lang))

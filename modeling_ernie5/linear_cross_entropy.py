@@ -59,9 +59,9 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
         chunk_rows = chunk_rows or default_chunk_rows(vocab, acc)
         loss = torch.zeros((), dtype=acc, device=hidden_ND.device)
         grad_h = torch.empty_like(hidden_ND) if need_h else None
-        grad_w = torch.empty(weight_VD.shape, dtype=acc, device=weight_VD.device) if need_w else None
-        if need_w and rows == 0:
-            grad_w.zero_()
+        # Written by the first chunk (no zero fill), unless there are no rows at all.
+        new_grad_w = torch.zeros if rows == 0 else torch.empty
+        grad_w = new_grad_w(weight_VD.shape, dtype=acc, device=weight_VD.device) if need_w else None
         logits_buf = _chunk_buffer(min(chunk_rows, rows), vocab, acc, hidden_ND.device)
         for start in range(0, rows, chunk_rows):
             stop = min(start + chunk_rows, rows)

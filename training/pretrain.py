@@ -228,7 +228,7 @@ def corpus_documents(train_files, text_field, seed: int, max_docs: int | None) -
     """The documents a run splits into training and validation (`eval.elastic_grid` re-derives the same held-out
     split from the settings `train` records in `pretrain_summary.json`)."""
     if train_files:
-        docs = read_documents(train_files, text_field or "text")
+        docs = read_documents(train_files, text_field)
     else:
         from processing.tokenizer import builtin_corpus
 
