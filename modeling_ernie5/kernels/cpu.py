@@ -127,15 +127,19 @@ class ExpertChunk(NamedTuple):
     pieces: tuple[tuple[int, int, int], ...]
 
 
-def plan_chunks(counts: list[int], target_rows: int | None) -> list[ExpertChunk]:
+def plan_chunks(counts: list[int], target_rows: int | None, experts: range | None = None) -> list[ExpertChunk]:
     """Split the sorted rows into chunks of whole experts, closing a chunk once it holds `target_rows` rows.
 
     An expert is never split, so every weight-gradient slice is one `mm` (no partial sums, which in bf16 would
     round once per part); a chunk is therefore as large as its busiest expert, at most S rows under a fully skewed
-    routing. `target_rows=None` makes one chunk of all rows.
+    routing. `target_rows=None` makes one chunk of all rows. `experts` restricts the plan to a contiguous run of
+    experts (one thread's share, `plan_shares`); row positions stay those of all sorted rows.
     """
-    chunks, pieces, start, row = [], [], 0, 0
-    for expert, n in enumerate(counts):
+    experts = range(len(counts)) if experts is None else experts
+    row = sum(counts[: experts.start])
+    chunks, pieces, start = [], [], row
+    for expert in experts:
+        n = counts[expert]
         if not n:
             continue
         pieces.append((expert, row - start, row - start + n))
@@ -146,6 +150,25 @@ def plan_chunks(counts: list[int], target_rows: int | None) -> list[ExpertChunk]
     if pieces:
         chunks.append(ExpertChunk(start, row, tuple(pieces)))
     return chunks
+
+
+def plan_shares(counts: list[int], target_rows: int | None, parts: int) -> list[list[ExpertChunk]]:
+    """Chunks for `parts` threads: contiguous runs of whole experts with about the same number of rows, each cut at
+    the expert boundary nearest its ideal row, then `plan_chunks` within each run (empty runs are left out).
+
+    Cutting between experts rather than between chunks keeps the threads within about half an expert of each
+    other; cutting the list of ~512-row chunks instead left one thread up to a whole chunk behind (at T=1024 the
+    faster thread waited 5-10 ms of a 60-130 ms call). The split depends on the counts only: deterministic."""
+    prefix = [0]
+    for n in counts:
+        prefix.append(prefix[-1] + n)
+    cuts = [0]
+    for part in range(1, parts):
+        ideal = prefix[-1] * part / parts
+        cuts.append(min(range(cuts[-1], len(counts) + 1), key=lambda b: abs(prefix[b] - ideal)))
+    cuts.append(len(counts))
+    shares = [plan_chunks(counts, target_rows, range(lo, hi)) for lo, hi in zip(cuts, cuts[1:])]
+    return [share for share in shares if share]
 
 
 def chunk_matmul(a_RK, w_ENK, chunk: ExpertChunk, out_RN=None, offsets_E=None) -> torch.Tensor:
@@ -246,11 +269,11 @@ def weight_grad_buffer(weight: torch.Tensor, slot: _GradBuffer | None) -> torch.
 
 
 # --- chunks side by side ------------------------------------------------------------------------------------------
-# The chunk loop runs on this many threads, each taking a contiguous share of the chunks with single-threaded ops,
-# instead of one chunk after the other with every op split over the intra-op threads: the per-expert matmuls are
-# small (~128 rows at T=1024, E=64, k=8), and such matmuls gain little from a second intra-op thread. "auto"
-# (default) = the intra-op thread count up to CHUNK_THREADS_AUTO_MAX; "1" = off. Each extra thread costs one (T, D)
-# accumulator, and the gain was measured with 2 threads only, hence the cap.
+# The chunk loop runs on this many threads, each taking a contiguous share of the experts (`plan_shares`) with
+# single-threaded ops, instead of one chunk after the other with every op split over the intra-op threads: the
+# per-expert matmuls are small (~128 rows at T=1024, E=64, k=8), and such matmuls gain little from a second
+# intra-op thread. "auto" (default) = the intra-op thread count up to CHUNK_THREADS_AUTO_MAX; "1" = off. Each extra
+# thread costs one (T, D) accumulator, and the gain was measured with 2 threads only, hence the cap.
 CHUNK_THREADS = os.environ.get("ERNIE5_CPU_CHUNK_THREADS", "auto")
 CHUNK_THREADS_AUTO_MAX = 4
 _chunk_pool: ThreadPoolExecutor | None = None
@@ -264,29 +287,24 @@ def _chunk_threads(num_chunks: int) -> int:
     return max(1, min(wanted, intra, num_chunks))
 
 
-def run_chunks(chunks: list[ExpertChunk], body, make_state) -> list:
-    """`body(chunk, state)` for every chunk, with `make_state(i)` (scratch buffers, accumulators) per thread i;
-    returns the states. Chunks hold whole experts, so threads write disjoint weight-gradient slices and sorted rows;
-    what several chunks add into (token rows) goes to each thread's own accumulator, summed by the caller.
+def run_chunks(shares: list[list[ExpertChunk]], body, make_state) -> list:
+    """`body(chunk, state)` for every chunk, one thread per share (`plan_shares`), with `make_state(i)` (scratch
+    buffers, accumulators) per thread i; returns the states. Chunks hold whole experts, so threads write disjoint
+    weight-gradient slices and sorted rows; what several chunks add into (token rows) goes to each thread's own
+    accumulator, summed by the caller. Should fewer threads be allowed now than when the shares were planned (the
+    backward reuses the forward's plan), every chunk runs on the calling thread.
 
     The intra-op thread count is set to 1 for the duration (process-wide, restored after) so that the threads do
     not each fan out into a thread team: two levels of threads on two cores would oversubscribe them."""
     global _chunk_pool, _chunk_pool_workers, _chunk_pool_pid
-    threads = _chunk_threads(len(chunks))
+    threads = max(len(shares), 1)
+    if threads > 1 and _chunk_threads(threads) < threads:
+        shares, threads = [[chunk for share in shares for chunk in share]], 1
     states = [make_state(i) for i in range(threads)]
-    if threads == 1:
-        for chunk in chunks:
+    if threads <= 1:
+        for chunk in (shares[0] if shares else ()):
             body(chunk, states[0])
         return states
-    # Contiguous shares of about the same number of rows.
-    total, shares, current, done = sum(c.stop - c.start for c in chunks), [], [], 0
-    for chunk in chunks:
-        current.append(chunk)
-        done += chunk.stop - chunk.start
-        if done * threads >= total * (len(shares) + 1) and len(shares) < threads - 1:
-            shares.append(current)
-            current = []
-    shares.append(current)
     # Grad and inference mode are thread-local: workers take the caller's (ops write into `out=` buffers, which
     # autograd must not record).
     inference = torch.is_inference_mode_enabled()
@@ -317,7 +335,7 @@ class _Layout(NamedTuple):
     """Everything the backward needs to walk the same chunks as the forward."""
 
     groups: ExpertGroups
-    chunks: list[ExpertChunk]
+    shares: list[list[ExpertChunk]]  # one list of chunks per thread
     offsets_E: torch.Tensor | None  # int32 end rows when grouped_mm drives the matmuls, else None
     max_rows: int
 
@@ -325,14 +343,18 @@ class _Layout(NamedTuple):
 def _layout(idx_TK: torch.Tensor, num_experts: int, grouped: bool) -> _Layout:
     groups = group_by_expert(idx_TK, num_experts)
     counts = groups.counts_E.tolist()  # sync point: chunk bounds on the host
-    chunks = plan_chunks(counts, None if grouped else CHUNK_ROWS)
+    if grouped:  # one chunk of all rows, one thread
+        shares = [plan_chunks(counts, None)]
+    else:
+        shares = plan_shares(counts, CHUNK_ROWS, _chunk_threads(len(plan_chunks(counts, CHUNK_ROWS))))
     offsets_E = groups.offsets_E.to(torch.int32) if grouped else None
-    return _Layout(groups, chunks, offsets_E, max((c.stop - c.start for c in chunks), default=0))
+    max_rows = max((c.stop - c.start for share in shares for c in share), default=0)
+    return _Layout(groups, shares, offsets_E, max_rows)
 
 
 def _experts_forward(x_TD, gate_up_EF2D, down_EDF, w_TK, layout: _Layout, save_h: bool):
     """The forward pass chunk by chunk; returns `(out_TD, h_SF2)`, `h_SF2` only when `save_h`."""
-    groups, chunks, offs, max_rows = layout
+    groups, shares, offs, max_rows = layout
     num_tokens, hidden = x_TD.shape
     two_f = gate_up_EF2D.shape[1]
     inter = two_f // 2
@@ -370,7 +392,7 @@ def _experts_forward(x_TD, gate_up_EF2D, down_EDF, w_TK, layout: _Layout, save_h
         y_RD = chunk_matmul(a_RF, down_EDF, chunk, x_RD, offs)  # x_RD is dead once h is computed
         st["out"].index_add_(0, tok_R, y_RD.to(acc))
 
-    states = run_chunks(chunks, body, make_state)  # the grouped path is one chunk: one thread
+    states = run_chunks(shares, body, make_state)  # the grouped path is one chunk: one thread
     if not loop and save_h:
         h_SF2 = states[0]["h_saved"]
     for st in states[1:]:
@@ -394,7 +416,7 @@ class SortedExpertsFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dout_TD):
         x_TD, gate_up_EF2D, down_EDF, w_TK, h_SF2 = ctx.saved_tensors
-        groups, chunks, offs, max_rows = ctx.layout
+        groups, shares, offs, max_rows = ctx.layout
         need_x, need_gu, need_down, _, need_w = ctx.needs_input_grad[:5]
         num_tokens, hidden = x_TD.shape
         num_experts, two_f, _ = gate_up_EF2D.shape
@@ -479,7 +501,7 @@ class SortedExpertsFunction(torch.autograd.Function):
                     dx_RD = chunk_matmul(dh_RF2, gate_up_EF2D.transpose(1, 2), chunk, rows_of(st["dout"], rows), offs)
                     st["dx"].index_add_(0, tok_R, dx_RD.to(acc))
 
-        states = run_chunks(chunks, body, make_state)
+        states = run_chunks(shares, body, make_state)
         if not loop:  # one chunk of all rows; grouped_mm returned the weight gradients as new tensors
             d_gate_up = states[0]["grads"].get("gate_up", d_gate_up)
             d_down = states[0]["grads"].get("down", d_down)

@@ -11,9 +11,11 @@ from experts_cases import assert_matches, make_case, run_with_grads
 from modeling_ernie5.kernels import cpu as cpu_kernels
 from modeling_ernie5.kernels.cpu import (
     HALF_DOT_MAX_ROWS,
+    ExpertChunk,
     chunk_matmul,
     chunk_matmul_tn,
     plan_chunks,
+    plan_shares,
     sorted_experts_forward,
     use_grouped_mm,
 )
@@ -177,6 +179,27 @@ def test_chunks_hold_whole_experts_and_skip_empty_ones():
     assert plan_chunks([0, 0], 512) == []
     (whole,) = plan_chunks(counts, None)
     assert (whole.start, whole.stop) == (0, sum(counts))
+    # a run of experts keeps the rows' absolute positions
+    assert plan_chunks(counts, 512, range(3, 7)) == [ExpertChunk(703, 1307, ((3, 0, 2), (4, 2, 4), (6, 4, 604)))]
+
+
+def test_thread_shares_cut_between_experts_nearest_to_equal_rows():
+    """Shares are cut at the expert boundary nearest each thread's ideal row, not after the chunk that crosses it:
+    64 experts of 128 rows (T=1024, k=8) in 512-row chunks split 4096 / 4096 on two threads, and an uneven routing
+    lands within half an expert of the middle."""
+    shares = plan_shares([128] * 64, 512, 2)
+    assert [sum(c.stop - c.start for c in share) for share in shares] == [4096, 4096]
+    assert shares[1][0].start == 4096 and [c for share in shares for c in share] == plan_chunks([128] * 64, 512)
+    # Uneven: the old rule (first chunk boundary at or past half of 1426 rows) gave 1425 / 1; the nearest
+    # expert boundary gives 703 / 723.
+    counts = [3, 0, 700, 300, 2, 0, 420, 1]
+    first, second = plan_shares(counts, 512, 2)
+    assert (first[-1].stop, second[0].start, second[-1].stop) == (703, 703, 1426)
+    # Three threads, a dominant expert, and runs with no rows left out; always every non-empty expert exactly once.
+    for counts, parts in (([5, 5, 5, 5], 3), ([1000, 1, 1, 1], 3), ([0, 0, 9, 0], 4), ([0, 0], 2)):
+        shares = plan_shares(counts, 4, parts)
+        assert all(shares) and len(shares) <= parts
+        assert [p[0] for share in shares for c in share for p in c.pieces] == [e for e, n in enumerate(counts) if n]
 
 
 @pytest.mark.parametrize("routing", ["uniform", "skewed", "sentinel"])
@@ -213,7 +236,7 @@ def test_chunks_on_several_threads_match_reference(routing, threads, monkeypatch
     intra_op_threads(threads)
     shares = []
     run_chunks = cpu_kernels.run_chunks
-    monkeypatch.setattr(cpu_kernels, "run_chunks", lambda chunks, body, make: shares.append(len(chunks)) or run_chunks(chunks, body, make))
+    monkeypatch.setattr(cpu_kernels, "run_chunks", lambda plan, body, make: shares.append(len(plan)) or run_chunks(plan, body, make))
     case = make_case(45, 40, 24, 8, 3, dtype=torch.float64, routing=routing, seed=11)
     want = run_with_grads(reference_experts_forward, *case)
     got = run_with_grads(sorted_experts_forward, *case)
@@ -222,7 +245,7 @@ def test_chunks_on_several_threads_match_reference(routing, threads, monkeypatch
         torch.testing.assert_close(sorted_experts_forward(*case[:5]), want[0], **TOL[torch.float64])
     with torch.inference_mode():  # the workers must take the caller's mode to write into inference tensors
         torch.testing.assert_close(sorted_experts_forward(*case[:5]), want[0], **TOL[torch.float64])
-    assert len(shares) == 4 and min(shares) >= threads  # forward, backward, no-grad, inference: all threaded
+    assert shares == [threads] * 4  # forward, backward, no-grad, inference: all threaded
     assert torch.get_num_threads() == threads
 
 
@@ -238,7 +261,7 @@ def test_chunk_threads_setting(monkeypatch, intra_op_threads):
     assert cpu_kernels._chunk_threads(64) == cpu_kernels.CHUNK_THREADS_AUTO_MAX
     intra_op_threads(2)
     monkeypatch.setattr(cpu_kernels, "CHUNK_THREADS", "auto")
-    chunks = plan_chunks([5, 5, 5, 5], 5)
+    shares = plan_shares([5, 5, 5, 5], 5, 2)
     seen = []
 
     def body(chunk, state):
@@ -247,11 +270,17 @@ def test_chunk_threads_setting(monkeypatch, intra_op_threads):
             raise RuntimeError("worker failed")
 
     with pytest.raises(RuntimeError, match="worker failed"):
-        cpu_kernels.run_chunks(chunks, body, lambda i: f"state{i}")
+        cpu_kernels.run_chunks(shares, body, lambda i: f"state{i}")
     assert torch.get_num_threads() == 2
     # Contiguous shares of equal rows, one state per thread, every op single-threaded inside.
     assert sorted((start, state) for start, state, _ in seen) == [(0, "state0"), (5, "state0"), (10, "state1"), (15, "state1")]
     assert {n for _, _, n in seen} == {1}
+    # A plan made for two threads meets one allowed thread (the backward reuses the forward's plan): every chunk,
+    # in order, on the calling thread with one state.
+    seen.clear()
+    intra_op_threads(1)
+    cpu_kernels.run_chunks(shares, lambda chunk, state: seen.append((chunk.start, state)), lambda i: f"state{i}")
+    assert seen == [(0, "state0"), (5, "state0"), (10, "state0"), (15, "state0")]
 
 
 def test_chunks_on_threads_work_in_a_forked_child(intra_op_threads):
