@@ -112,19 +112,67 @@ def build_prompt(spec: BenchmarkSpec, sample: BenchmarkSample) -> str:
     return f"{sample.question}\n{SHORT_SUFFIX}"
 
 
+def _hallusion_keys(sample: BenchmarkSample) -> tuple[str, str] | None:
+    """HallusionBench's (figure, question) group keys, as VLMEvalKit forms them: the `l2-category` column with the
+    set, figure and question ids, taken from columns of those names or else from the 4th-6th `_`-separated fields
+    of the item's index. None when the item does not carry them."""
+    extra = sample.extra
+    l2 = extra.get("l2-category", extra.get("l2_category"))
+    ids = [extra.get(name) for name in ("set_id", "figure_id", "question_id")]
+    if any(v is None for v in ids):
+        fields = str(sample.id).split("_")
+        ids = fields[3:6] if len(fields) >= 6 else None
+    if l2 is None or ids is None:
+        return None
+    set_id, figure_id, question_id = (str(v).strip() for v in ids)
+    return f"{l2}|{set_id}|{figure_id}", f"{l2}|{set_id}|{question_id}"
+
+
+def consistency_accuracies(samples: list[BenchmarkSample], per_item: dict[str, float], scale: float) -> dict:
+    """HallusionBench's figure accuracy (fAcc: every question about one figure right) and question accuracy (qAcc:
+    one question right on every figure variant it is asked about), beside the per-question accuracy (aAcc).
+
+    Only scored items count, so a group with an item that was not predicted is judged on the rest; `missing_keys`
+    counts scored items without group ids, and with any such item the two numbers are None."""
+    figures: dict[str, list[bool]] = collections.defaultdict(list)
+    questions: dict[str, list[bool]] = collections.defaultdict(list)
+    missing = 0
+    for sample in samples:
+        if sample.id not in per_item:
+            continue
+        keys = _hallusion_keys(sample)
+        if keys is None:
+            missing += 1
+            continue
+        right = per_item[sample.id] >= 1.0
+        figures[keys[0]].append(right)
+        questions[keys[1]].append(right)
+
+    def share(groups):
+        return scale * sum(all(v) for v in groups.values()) / len(groups) if groups and not missing else None
+
+    return {"fAcc": share(figures), "qAcc": share(questions), "figures": len(figures), "questions": len(questions),
+            "missing_keys": missing}
+
+
 def score(spec: BenchmarkSpec, samples: list[BenchmarkSample], predictions: dict[str, str]) -> dict:
     """Score the predicted items of a benchmark; returns the headline number and breakdowns.
 
-    Items whose gold letter could not be determined are left out and counted (`unscorable`).
+    Items whose gold letter could not be determined are left out and counted (`unscorable`). `score` is the mean
+    over the predicted items; items with no prediction (their batch failed, see `errors.jsonl`) are counted in
+    `not_predicted`, and `score_missing_as_wrong` scores them 0, as toolkits that record a failure as the answer
+    text do. HallusionBench also gets fAcc / qAcc (`consistency_accuracies`).
     """
     per_item: dict[str, float] = {}
-    unscorable = 0
+    unscorable = not_predicted = 0
     groups: dict[str, list[BenchmarkSample]] = collections.defaultdict(list)
     for sample in samples:
+        gold_unknown = spec.metric == "mc_accuracy" and sample.choices and sample.answer_letter is None
         if sample.id not in predictions:
+            not_predicted += not gold_unknown
             continue
         if spec.metric == "mc_accuracy" and sample.choices:
-            if sample.answer_letter is None:
+            if gold_unknown:
                 unscorable += 1
                 continue
             groups["mc_accuracy"].append(sample)
@@ -165,9 +213,11 @@ def score(spec: BenchmarkSpec, samples: list[BenchmarkSample], predictions: dict
     for sample in samples:
         if sample.id in per_item:
             by_category[sample.category or "all"].append(per_item[sample.id])
-    return {
+    result = {
         "score": spec.scale * sum(per_item.values()) / n if n else None,
         "n_scored": n,
+        "not_predicted": not_predicted,
+        "score_missing_as_wrong": spec.scale * sum(per_item.values()) / (n + not_predicted) if n + not_predicted else None,
         "unscorable": unscorable,
         "extraction_failures": extraction_failures,
         "metric": spec.metric if len(groups) <= 1 else "+".join(sorted(groups)),
@@ -175,3 +225,6 @@ def score(spec: BenchmarkSpec, samples: list[BenchmarkSample], predictions: dict
         "by_category": {k: spec.scale * sum(v) / len(v) for k, v in sorted(by_category.items())},
         "per_item": per_item,
     }
+    if spec.name == "hallusionbench":
+        result["consistency"] = consistency_accuracies(samples, per_item, spec.scale)
+    return result

@@ -1,8 +1,9 @@
 """Published numbers shown next to our runs for reference: MMAT-1M (arXiv 2507.21924) Tables 3-4 and OmniSearch /
 Dyn-VQA (arXiv 2411.02937) Table 4, transcribed from those tables.
 
-HallusionBench is reported as per-question accuracy (VLMEvalKit's aAcc); MMAT-1M's Table 3 does not say which of
-aAcc / fAcc / qAcc (or their mean) its column holds, so that column compares like with like only if it is aAcc.
+HallusionBench's score is per-question accuracy (VLMEvalKit's aAcc; fAcc and qAcc are reported beside it);
+MMAT-1M's Table 3 does not say which of aAcc / fAcc / qAcc (or their mean) its column holds, so that column compares
+like with like only if it is aAcc.
 
 They come from other setups (Google search with top-3, GPT-4o as teacher, an unstated Dyn-VQA
 month and language split), so they frame a run; they are not targets a local corpus can reproduce.

@@ -76,11 +76,22 @@ def benchmark_markdown(result: dict) -> str:
         f"- data: {result['data']['file']} (sha256 {result['data']['sha256'][:16]})",
         f"- metric: {result['metric']}; date: {result['date']}",
         "",
-        "| score | n scored | unscorable | letter not found | images missing |",
-        "|---|---|---|---|---|",
-        f"| {_fmt(result['score'])} | {result['n_scored']} | {result['unscorable']} | "
+        "| score | n scored | not predicted | score, not predicted = wrong | unscorable | letter not found "
+        "| images missing |",
+        "|---|---|---|---|---|---|---|",
+        f"| {_fmt(result['score'])} | {result['n_scored']} | {result.get('not_predicted', 0)} | "
+        f"{_fmt(result.get('score_missing_as_wrong', result['score']))} | {result['unscorable']} | "
         f"{result['extraction_failures']} | {result['images_missing']} |",
     ]
+    consistency = result.get("consistency")
+    if consistency is not None:
+        if consistency["missing_keys"]:
+            lines += ["", f"fAcc / qAcc: not computed, {consistency['missing_keys']} items carry no l2-category / "
+                          "set, figure and question ids"]
+        else:
+            lines += ["", "| aAcc | fAcc | qAcc | figures | questions |", "|---|---|---|---|---|",
+                      f"| {_fmt(result['score'])} | {_fmt(consistency['fAcc'])} | {_fmt(consistency['qAcc'])} | "
+                      f"{consistency['figures']} | {consistency['questions']} |"]
     if len(result["by_category"]) > 1:
         lines += ["", "| category | score |", "|---|---|"]
         lines += [f"| {k} | {_fmt(v)} |" for k, v in result["by_category"].items()]

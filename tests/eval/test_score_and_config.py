@@ -71,3 +71,41 @@ def test_prediction_store_survives_a_last_line_without_newline(tmp_path):
     store.add({"id": "b", "prediction": "y"})
     again = PredictionStore(path)
     assert sorted(again.records) == ["a", "b"] and again.torn_lines == 0
+
+
+def test_hallusionbench_consistency_and_items_without_prediction():
+    """fAcc / qAcc group HallusionBench items as VLMEvalKit does (l2-category + set, figure and question ids from
+    the index), and items whose batch failed are counted and can be scored as wrong."""
+    from eval.benchmarks import get_benchmark, prepare
+    from eval.benchmarks import score as score_benchmark
+    from eval.loaders.common import BenchmarkSample
+    from eval.report import benchmark_markdown
+
+    spec = get_benchmark("HallusionBench")
+    # (set, figure, question, gold, predicted): set 0 asks two questions of two figures, set 1 two of one figure.
+    table = [(0, 0, 0, "1", "Yes"), (0, 0, 1, "0", "No"), (0, 1, 0, "0", "Yes"), (0, 1, 1, "1", "Yes"),
+             (1, 0, 0, "1", "Yes"), (1, 0, 1, "0", "Yes")]  # fmt: skip
+    samples = [prepare(spec, BenchmarkSample(id=f"VS_chart_{n}_{s}_{f}_{q}", question="Is it so?", answers=[gold],
+                                             extra={"l2-category": "chart"}))
+               for n, (s, f, q, gold, _) in enumerate(table)]  # fmt: skip
+    predictions = {sample.id: row[4] for sample, row in zip(samples, table)}
+    result = score_benchmark(spec, samples, predictions)
+    assert result["score"] == pytest.approx(400 / 6)  # aAcc: 4 of 6 right
+    # figures: s0f0 right on both, s0f1 and s1f0 not -> 1/3; questions: s0q1 and s1q0 right on every figure -> 2/4
+    consistency = result["consistency"]
+    assert (consistency["figures"], consistency["questions"]) == (3, 4)
+    assert consistency["fAcc"] == pytest.approx(100 / 3) and consistency["qAcc"] == pytest.approx(50.0)
+    markdown = benchmark_markdown({**result, "benchmark": "hallusionbench", "run_name": "t", "model": "m",
+                                   "data": {"file": "f", "sha256": "0" * 64, "loader": {"counts": {}}},
+                                   "date": "d", "images_missing": 0})  # fmt: skip
+    assert "| 66.67 | 33.33 | 50.00 | 3 | 4 |" in markdown
+    # One failed item: the mean over predicted items, the count, and the score with it counted wrong.
+    del predictions[samples[0].id]
+    result = score_benchmark(spec, samples, predictions)
+    assert (result["n_scored"], result["not_predicted"]) == (5, 1)
+    assert result["score"] == pytest.approx(60.0) and result["score_missing_as_wrong"] == pytest.approx(50.0)
+    # Items without the ids (a plain yes/no file): no fAcc / qAcc rather than groups made up from other fields.
+    plain = [prepare(spec, BenchmarkSample(id=str(i), question="q", answers=["1"])) for i in range(2)]
+    result = score_benchmark(spec, plain, {"0": "Yes", "1": "No"})
+    assert result["consistency"]["fAcc"] is None and result["consistency"]["missing_keys"] == 2
+    assert "score_missing_as_wrong" in result and "consistency" not in score_benchmark(get_benchmark("mmstar"), plain, {})
