@@ -1032,17 +1032,14 @@ class RLTrainer(GRPOTrainer):
             per_token_loss = per_token_loss + self.beta * (torch.exp(ref - logps) - (ref - logps) - 1)
         mode = "train" if self.model.training else "eval"
         mask_f = mask.to(per_token_loss.dtype)
-        accumulation = self.current_gradient_accumulation_steps if mode == "train" else 1.0
-        if self.loss_type == "grpo":  # ERNIE 5.0's 1/G sum_i 1/|y_i| sum_j
-            loss = ((per_token_loss * mask_f).sum(-1) / mask_f.sum(-1).clamp(min=1.0)).mean() / accumulation
-        elif self.loss_type == "dr_grpo":
-            loss = (per_token_loss * mask_f).sum() / (per_token_loss.size(0) * self.max_completion_length)
-            loss = loss / accumulation
-        else:  # dapo / bnpo: token mean over the accumulation window, as TRL normalises it
-            normalizer = inputs["num_items_in_batch"].clamp(min=1.0) / self.accelerator.num_processes
-            if mode == "train":
-                normalizer = normalizer * self.current_gradient_accumulation_steps / self.args.steps_per_generation
-            loss = (per_token_loss * mask_f).sum() / normalizer
+        loss = aggregate_token_loss(
+            per_token_loss, mask_f, self.loss_type,
+            accumulation=self.current_gradient_accumulation_steps if mode == "train" else 1,
+            max_completion_length=self.max_completion_length,
+            num_items_in_batch=inputs.get("num_items_in_batch"),
+            num_processes=self.accelerator.num_processes,
+            steps_per_generation=self.args.steps_per_generation if mode == "train" else None,
+        )  # fmt: skip
         metrics = self._metrics[mode]
         valid = mask.bool()
         n_valid = valid.sum().clamp(min=1)
@@ -1051,6 +1048,39 @@ class RLTrainer(GRPOTrainer):
         metrics["misc/seq_ratio_mean"].append(result.seq_ratio.mean().item())
         metrics["clip_ratio/region_mean"].append(result.seq_clipped.float().mean().item())
         return loss
+
+
+def aggregate_token_loss(
+    per_token_loss: torch.Tensor,
+    mask: torch.Tensor,
+    loss_type: str,
+    accumulation: int,
+    max_completion_length: int,
+    num_items_in_batch: torch.Tensor | None = None,
+    num_processes: int = 1,
+    steps_per_generation: int | None = None,
+) -> torch.Tensor:
+    """One micro-batch's (B, L) token losses -> the scalar to backpropagate, normalised as TRL's `GRPOTrainer`
+    does for each `loss_type`, so that MISC changes the per-token objective and nothing else.
+
+    - `grpo`: mean over sequences of each sequence's token mean (ERNIE 5.0's 1/G sum_i 1/|y_i| sum_j), / accumulation;
+    - `bnpo`: token mean over this micro-batch, / accumulation;
+    - `dr_grpo`: token sum over B * max_completion_length, / accumulation;
+    - `dapo`: token sum over the tokens of the whole accumulation window on every process (`num_items_in_batch`
+      spans the generation batch, so it is rescaled to one window; `steps_per_generation=None` in evaluation).
+    """
+    if loss_type == "grpo":
+        return ((per_token_loss * mask).sum(-1) / mask.sum(-1).clamp(min=1.0)).mean() / accumulation
+    if loss_type == "bnpo":
+        return (per_token_loss * mask).sum() / mask.sum().clamp(min=1.0) / accumulation
+    if loss_type == "dr_grpo":
+        return (per_token_loss * mask).sum() / (per_token_loss.size(0) * max_completion_length) / accumulation
+    if loss_type == "dapo":
+        normalizer = num_items_in_batch.clamp(min=1.0) / num_processes
+        if steps_per_generation is not None:
+            normalizer = normalizer * accumulation / steps_per_generation
+        return (per_token_loss * mask).sum() / normalizer
+    raise ValueError(f"no token-loss normalisation for loss_type {loss_type!r}; use grpo, bnpo, dr_grpo or dapo")
 
 
 # --- Logging ---------------------------------------------------------------------------------------------------------

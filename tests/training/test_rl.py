@@ -18,6 +18,7 @@ from training.rl import (
     RLConfig,
     RLTrainer,
     RoutingRecorder,
+    aggregate_token_loss,
     hf_chunked_advance,
     load_rl_dataset,
     main,
@@ -302,3 +303,22 @@ def test_urb_with_hf_generation_releases_groups_in_order(model_dir, tokenizer):
         for r in g:
             assert r.finished and r.state["prompt_ids"] == prompts[r.request_id]
             assert 1 <= len(r.state["completion_ids"]) <= 5
+
+
+def test_misc_token_loss_normalised_per_loss_type_as_trl_does():
+    """bnpo is the micro-batch token mean (not dapo's window-wide token count); each type by hand."""
+    loss = torch.tensor([[1.0, 2.0, 3.0], [4.0, 9.0, 9.0]])
+    mask = torch.tensor([[1.0, 1.0, 1.0], [1.0, 0.0, 0.0]])
+    items = torch.tensor(16.0)  # tokens of the generation batch on all processes
+
+    def agg(loss_type, **kw):
+        return aggregate_token_loss(loss, mask, loss_type, accumulation=2, max_completion_length=3,
+                                    num_items_in_batch=items, num_processes=2, **kw).item()
+
+    assert agg("grpo") == pytest.approx((2.0 + 4.0) / 2 / 2)
+    assert agg("bnpo") == pytest.approx(10.0 / 4 / 2)
+    assert agg("dr_grpo") == pytest.approx(10.0 / (2 * 3) / 2)
+    assert agg("dapo", steps_per_generation=4) == pytest.approx(10.0 / (16 / 2 * 2 / 4))
+    assert agg("dapo") == pytest.approx(10.0 / (16 / 2))  # evaluation: no window rescaling
+    with pytest.raises(ValueError, match="loss_type 'cispo'"):
+        agg("cispo")
