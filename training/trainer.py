@@ -2,7 +2,7 @@
 
 The model returns one `loss` (next-token + weighted MTP + optional balance and z terms); the Trainer optimises it
 unchanged. This subclass only records the parts (`lm_loss`, `mtp_loss`, `aux_loss`, `z_loss`) of every training
-forward and logs their means over the logging interval, plus the spread of the balancing bias, so a run shows
+forward and logs their means over the logging interval (and over processes), plus the spread of the balancing bias, so a run shows
 what each objective is doing.
 """
 
@@ -34,15 +34,27 @@ class Ernie5Trainer(Trainer):
         return (loss, outputs) if return_outputs else loss
 
     def log(self, logs: dict[str, float], *args, **kwargs) -> None:
-        if "loss" in logs:  # a training log: attach the means of the recorded parts
-            for name, values in self._loss_parts.items():
-                if values:
-                    logs[name] = round(sum(values) / len(values), 6)
+        if "loss" in logs:  # a training log (every rank gets here): attach the means of the recorded parts
+            for name, value in mean_loss_parts(self._loss_parts, self.args.device).items():
+                logs[name] = round(value, 6)
             self._loss_parts.clear()
             biases = router_biases(self.model)
             if biases is not None:
                 logs["router_bias_absmax"] = round(biases.abs().max().item(), 6)
         super().log(logs, *args, **kwargs)
+
+
+def mean_loss_parts(parts: dict[str, list[float]], device) -> dict[str, float]:
+    """Mean of each recorded loss term over the logging interval and, in a distributed run, over every process
+    (one all-reduce of a (term, [sum, count]) table on `device`, so the logged parts describe the same batches as the
+    Trainer's gathered `loss`, not rank 0's share alone). Terms no process recorded are left out."""
+    table = torch.tensor([[sum(parts.get(name, ())), len(parts.get(name, ()))] for name in LOSS_PARTS],
+                         dtype=torch.float64)  # fmt: skip
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        table = table.to(device)
+        torch.distributed.all_reduce(table)
+        table = table.cpu()
+    return {name: float(total / count) for name, (total, count) in zip(LOSS_PARTS, table.tolist()) if count > 0}
 
 
 def router_biases(model) -> torch.Tensor | None:

@@ -1,5 +1,8 @@
 """HF Trainer on an ernie5 model: loss falls, gradient checkpointing, bf16 on CPU, loss-part logging."""
 
+import json
+from pathlib import Path
+
 import pytest
 import torch
 from transformers import TrainingArguments
@@ -137,3 +140,27 @@ def test_precision_defaults_follow_the_machine(monkeypatch):
     for supported in (True, False):
         monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda supported=supported: supported)
         assert precision_defaults_for_this_machine() == {"bf16": supported}
+
+
+def _loss_parts_on_rank(rank, store_path, parts, out_dir):
+    from training.trainer import mean_loss_parts
+
+    store = torch.distributed.FileStore(store_path, 2)
+    torch.distributed.init_process_group("gloo", store=store, rank=rank, world_size=2)
+    try:
+        means = mean_loss_parts(parts[rank], torch.device("cpu"))
+    finally:
+        torch.distributed.destroy_process_group()
+    (Path(out_dir) / f"rank{rank}.json").write_text(json.dumps(means))
+
+
+def test_loss_parts_are_averaged_over_every_process(tmp_path):
+    """Two gloo processes with different recorded parts log the same means, taken over both processes' records
+    (a term only one process recorded is that process's mean); without a process group, the local means."""
+    from training.trainer import mean_loss_parts
+
+    parts = [{"lm_loss": [1.0, 3.0]}, {"lm_loss": [5.0], "mtp_loss": [2.0]}]
+    torch.multiprocessing.spawn(_loss_parts_on_rank, args=(str(tmp_path / "store"), parts, str(tmp_path)), nprocs=2)
+    logged = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
+    assert logged[0] == logged[1] == {"lm_loss": 3.0, "mtp_loss": 2.0}
+    assert mean_loss_parts(parts[0], torch.device("cpu")) == {"lm_loss": 2.0}
