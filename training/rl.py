@@ -903,14 +903,13 @@ class RLTrainer(GRPOTrainer):
 
     def _apply_wpsm(self, inputs, output, entropies, mask):
         a = self.rl_args
-        rewards = self._last_rewards
+        rewards = self._last_rewards  # gathered: every process's rows, in process order
         n = len(inputs)
         start = self.accelerator.process_index * n
-        total = (rewards[start : start + n] * self.reward_weights.to(rewards.device)).nansum(dim=1)
-        correct = total >= a.success_threshold
+        correct_all = (rewards * self.reward_weights.to(rewards.device)).nansum(dim=1) >= a.success_threshold
+        correct = correct_all[start : start + n]
         keys = [prompt_key(x, a.prompt_id_column) for x in inputs]
-        self.success_tracker.update(keys, correct.cpu())
-        rate = torch.tensor([self.success_tracker.rate(k) for k in keys], device=entropies.device)
+        rate = torch.tensor(track_group_success(self.success_tracker, keys, correct_all), device=entropies.device)
         mean_entropy = (entropies * mask).sum(-1) / mask.sum(-1).clamp(min=1)
         weights, flagged = wpsm_weights(
             mean_entropy, rate, correct.to(entropies.device), a.wpsm_tau, a.wpsm_eta, a.wpsm_alpha, a.wpsm_positive_only
@@ -1048,6 +1047,30 @@ class RLTrainer(GRPOTrainer):
         metrics["misc/seq_ratio_mean"].append(result.seq_ratio.mean().item())
         metrics["clip_ratio/region_mean"].append(result.seq_clipped.float().mean().item())
         return loss
+
+
+def gather_keys(keys: list) -> list:
+    """Every process's keys in process order (the order of TRL's gathered rewards); the local keys alone when the
+    run is not distributed."""
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return list(keys)
+    parts = [None] * torch.distributed.get_world_size()
+    torch.distributed.all_gather_object(parts, list(keys))
+    return [key for part in parts for key in part]
+
+
+def track_group_success(tracker: SuccessRateTracker, local_keys: list, correct_all: torch.Tensor) -> list[float]:
+    """Fold one step's outcomes into WPSM's success-rate `tracker` and return the rates of the local rows' prompts.
+
+    TRL spreads a prompt's G completions over the processes, so each process updates its tracker with every
+    process's rows (keys gathered, `correct_all` from the gathered rewards): the rates are those of whole groups,
+    and every process holds the same tracker. Updating with the local rows alone rated each prompt on the part of
+    its group a process happened to get, differently on every process."""
+    all_keys = gather_keys(local_keys)
+    if len(all_keys) != len(correct_all):
+        raise ValueError(f"{len(all_keys)} gathered prompt keys but {len(correct_all)} gathered rewards")
+    tracker.update(all_keys, correct_all.cpu())
+    return [tracker.rate(key) for key in local_keys]
 
 
 def aggregate_token_loss(
