@@ -143,8 +143,9 @@ def measure_expert_usage(model, calibration_data, spec: ElasticSpec | None = Non
 
     Usage of an expert = the number of (token, slot) assignments it received, plus its summed combine weight as a
     tie-breaker below one assignment (so that among equally often chosen experts the one trusted more wins).
-    Padding tokens (attention_mask 0) are not counted. The MTP modules' routers are measured too (they run
-    when labels are given), so they can be cut consistently.
+    Padding tokens (attention_mask 0) are not counted. The MTP modules' routers are measured too (the model runs
+    them only in training, so they are called here directly on the backbone's output), so they can be cut
+    consistently.
     """
     routers = _moe_routers(model)
     usage = {path: torch.zeros(r.num_experts, dtype=torch.float64) for path, r in routers.items()}
@@ -174,13 +175,10 @@ def measure_expert_usage(model, calibration_data, spec: ElasticSpec | None = Non
         for ids, mask in _calibration_batches(calibration_data):
             current_mask[0] = mask.bool().reshape(-1) if mask is not None else None
             ids = ids.to(device)
-            model(
-                input_ids=ids,
-                attention_mask=mask.to(device) if mask is not None else None,
-                labels=ids,  # runs the MTP modules too, so their routers get measured
-                elastic_spec=spec,
-                use_cache=False,
-            )
+            mask = mask.to(device) if mask is not None else None
+            outputs = model.model(input_ids=ids, attention_mask=mask, elastic_spec=spec, use_cache=False)
+            if len(getattr(model, "mtp", ())):
+                model._mtp_loss(outputs, ids, mask, None, ids, spec)
             n_batches += 1
     finally:
         for h in handles:

@@ -40,6 +40,13 @@ from .vision import Ernie5VisionModel, flip_bits
 CACHE_FIELD = "cache" if "cache" in MoeModelOutputWithPast.__dataclass_fields__ else "past_key_values"
 
 
+def cache_field(cache: Cache | None) -> dict:
+    """The cache as a constructor argument of an output, and nothing when there is none: set at construction it
+    keeps its place in `to_tuple()` (loss, logits, cache, ...), and an absent cache lets generation's `"cache" in
+    outputs` checks (beam search reorders whatever it finds) see that there is none."""
+    return {} if cache is None else {CACHE_FIELD: cache}
+
+
 class Ernie5RMSNorm(nn.Module):
     def __init__(self, hidden_size: int, eps: float = 1e-6):
         super().__init__()
@@ -152,7 +159,7 @@ class Ernie5DecoderLayer(GradientCheckpointingLayer):
         expert_mask: torch.Tensor | None = None,
         top_k: int | torch.Tensor | None = None,
         routing_indices: torch.Tensor | None = None,
-        count_load: bool = False,
+        count_load: bool | torch.Tensor = False,
         **kwargs,
     ) -> tuple[torch.Tensor, Ernie5LayerRouting]:
         residual = hidden_states
@@ -188,6 +195,19 @@ class Ernie5PreTrainedModel(Ernie5ExpertsSwitchMixin, PreTrainedModel):
     _keys_to_ignore_on_load_unexpected = [r"mlp\.gate\.expert_load"]
     # `output_hidden_states` / `output_attentions` are collected by transformers' forward hooks on these modules.
     _can_record_outputs = {"hidden_states": Ernie5DecoderLayer, "attentions": OutputRecorder(Ernie5Attention, index=1)}
+    # Every Auto class a saved folder maps to its own code (transformers writes only the saving class), so that
+    # `trust_remote_code=True` loads it without this package through any of them, as the registered classes do.
+    remote_code_auto_map = {
+        "AutoModel": "modeling_ernie5.Ernie5Model",
+        "AutoModelForCausalLM": "modeling_ernie5.Ernie5ForCausalLM",
+        "AutoModelForSequenceClassification": "modeling_ernie5.Ernie5ForSequenceClassification",
+    }
+
+    def save_pretrained(self, save_directory, *args, **kwargs):
+        if self._auto_class is not None:  # the code is saved with the weights: map every class it defines
+            kept = {k: v for k, v in (self.config.auto_map or {}).items() if not k.startswith("AutoModel")}
+            self.config.auto_map = {**kept, **self.remote_code_auto_map}
+        return super().save_pretrained(save_directory, *args, **kwargs)
 
     def update_router_biases(self) -> None:
         """Apply the pending balancing step of every router (backbone and MTP). Training forwards do this on their
@@ -374,14 +394,15 @@ class Ernie5Model(Ernie5PreTrainedModel):
             elastic_spec.validate(self.config)
 
         routers = self.routers()
+        batch, q_len = inputs_embeds.shape[:2]
         count_load = self.training and spec.is_full and routing_indices is None
+        count_load = tokens_to_count(attention_mask, batch, q_len) if count_load else False
         if self.training and torch.is_grad_enabled():
             # Apply the balancing step earned by the previous training forward. Doing it here, and not at the end of
             # that forward, keeps the routing identical when gradient checkpointing recomputes layers in backward.
             for router in routers:
                 router.update_bias()
 
-        batch, q_len = inputs_embeds.shape[:2]
         past_len = cache.get_seq_length() if cache is not None else 0
         sequence_ids = packed_text_sequences(position_ids, attention_mask, past_len)
         if position_ids is None and past_len == 0:
@@ -435,14 +456,13 @@ class Ernie5Model(Ernie5PreTrainedModel):
                 moe_i += 1
                 all_logits.append(routing.router_logits)
                 all_idx.append(routing.routing_indices)
-        output = Ernie5ModelOutput(
+        return Ernie5ModelOutput(
             last_hidden_state=self.norm(hidden),
             router_logits=tuple(all_logits) if output_router_logits else None,
             routing_indices=tuple(all_idx) if output_routing_indices else None,
             pre_norm_hidden_state=hidden,
+            **cache_field(cache),
         )
-        output[CACHE_FIELD] = cache
-        return output
 
 
 class Ernie5MultiTokenPredictor(nn.Module):
@@ -457,30 +477,75 @@ class Ernie5MultiTokenPredictor(nn.Module):
         self.block = Ernie5DecoderLayer(config, layer_idx=config.num_hidden_layers + depth)
         self.norm = Ernie5RMSNorm(config.hidden_size, config.rms_norm_eps)
 
-    def forward(self, hidden, next_embeds, mask, cos, sin, count_load: bool = False):
+    def forward(self, hidden, next_embeds, mask, cos, sin, count_load: bool | torch.Tensor = False):
         x = self.eh_proj(torch.cat([self.hidden_norm(hidden), self.embed_norm(next_embeds)], dim=-1))
         x, routing = self.block(x, mask, cos, sin, count_load=count_load)
         return x, self.norm(x), routing
 
 
-def sequence_balance_loss(router_logits, routing_indices, num_experts: int, top_k: int, batch: int) -> torch.Tensor:
+def real_token_mask(attention_mask: torch.Tensor | None, batch: int, q_len: int) -> torch.Tensor | None:
+    """(batch, q_len) boolean mask of the real (non-padding) tokens of this forward; None when every token is real.
+
+    From a 2D padding mask, or from a 4D (batch, 1, Q, K) boolean or additive mask (the multimodal block-causal
+    one), where a key no query may attend to is padding: every real token at least attends to itself."""
+    if attention_mask is None or attention_mask.shape[0] != batch or attention_mask.dim() not in (2, 4):
+        return None
+    if attention_mask.dim() == 4:
+        allowed = attention_mask[:, 0]
+        if allowed.dtype != torch.bool:
+            allowed = allowed > torch.finfo(allowed.dtype).min / 2
+        real = allowed.any(1)[:, -q_len:]
+    else:
+        real = attention_mask[:, -q_len:].bool()
+    return None if bool(real.all()) else real
+
+
+def tokens_to_count(attention_mask: torch.Tensor | None, batch: int, q_len: int) -> bool | torch.Tensor:
+    """The routers' `count_load` for a full-model training forward: every token (True), or with padding a (T,)
+    mask of the real ones."""
+    real = real_token_mask(attention_mask, batch, q_len)
+    return True if real is None else real.reshape(-1)
+
+
+def sequence_balance_loss(
+    router_logits, routing_indices, num_experts: int, top_k: int, batch: int, token_mask: torch.Tensor | None = None
+) -> torch.Tensor:
     """DeepSeek-V3's sequence-wise balance loss: sum_e f_e * P_e per sequence, averaged over sequences and layers,
-    with f_e = E / (K * L) * (tokens of the sequence routed to e) and P_e the mean router probability."""
+    with f_e = E / (K * L) * (tokens of the sequence routed to e) and P_e the mean router probability.
+
+    `token_mask` (batch, L), from `real_token_mask`, restricts both to real tokens (L = the sequence's real
+    length), so padding neither counts nor changes the loss; sequences without a real token are left out."""
     losses = []
     for logits_TE, idx_TK in zip(router_logits, routing_indices):
         probs_BLE = logits_TE.softmax(-1).view(batch, -1, num_experts)
         seq_len = probs_BLE.shape[1]
-        valid = idx_TK < num_experts
+        valid_BLK = (idx_TK < num_experts).view(batch, seq_len, -1)
+        if token_mask is None:
+            real_BL = torch.ones(batch, seq_len, dtype=torch.bool, device=idx_TK.device)
+        else:
+            real_BL = token_mask.to(idx_TK.device).view(batch, seq_len)
+        valid_BLK = valid_BLK & real_BL[..., None]
         counts_BE = torch.zeros(batch, num_experts + 1, device=idx_TK.device).scatter_add_(
-            1, idx_TK.view(batch, -1), valid.view(batch, -1).float()
+            1, idx_TK.view(batch, -1), valid_BLK.reshape(batch, -1).float()
         )[:, :num_experts]
-        f_BE = counts_BE * num_experts / (top_k * seq_len)
-        losses.append((f_BE * probs_BLE.mean(1)).sum(-1).mean())
+        length_B = real_BL.sum(1)
+        kept = length_B > 0
+        length_B1 = length_B.clamp(min=1)[:, None].to(probs_BLE.dtype)
+        f_BE = counts_BE * num_experts / (top_k * length_B1)
+        p_BE = (probs_BLE * real_BL[..., None]).sum(1) / length_B1
+        losses.append((f_BE * p_BE).sum(-1)[kept].mean())
     return torch.stack(losses).mean()
 
 
-def router_z_loss(router_logits) -> torch.Tensor:
-    return torch.stack([torch.logsumexp(lg, dim=-1).pow(2).mean() for lg in router_logits]).mean()
+def router_z_loss(router_logits, token_mask: torch.Tensor | None = None) -> torch.Tensor:
+    """ST-MoE's router z-loss: mean squared log-sum-exp of the router logits over tokens (real tokens only with a
+    `token_mask`), averaged over layers."""
+    real_T = None if token_mask is None else token_mask.reshape(-1)
+    per_layer = []
+    for logits_TE in router_logits:
+        z_T = torch.logsumexp(logits_TE, dim=-1).pow(2)
+        per_layer.append(z_T.mean() if real_T is None else z_T[real_T.to(z_T.device)].mean())
+    return torch.stack(per_layer).mean()
 
 
 @dataclass
@@ -558,10 +623,7 @@ class Ernie5ForCausalLM(Ernie5PreTrainedModel, GenerationMixin):
             output_router_logits if output_router_logits is not None else self.config.output_router_logits
         )
         want_aux = labels is not None and (self.config.router_aux_loss_coef > 0 or self.config.router_z_loss_coef > 0)
-        if self.training and torch.is_grad_enabled():
-            for module in self.mtp:  # the backbone updates its own routers; the MTP blocks' are updated here
-                if module.block.is_moe:
-                    module.block.mlp.gate.update_bias()
+        self._update_mtp_router_biases()
         outputs: Ernie5ModelOutput = self.model(
             input_ids=input_ids,
             attention_mask=attention_mask,
@@ -586,21 +648,23 @@ class Ernie5ForCausalLM(Ernie5PreTrainedModel, GenerationMixin):
                 mtp_loss = self._mtp_loss(outputs, input_ids, attention_mask, position_ids, labels, elastic_spec, **kwargs)
                 loss = loss + self.config.mtp_loss_weight * mtp_loss
         if outputs.router_logits and outputs.routing_indices:
-            batch = hidden.shape[0]
+            batch, seq = hidden.shape[:2]
+            real = real_token_mask(attention_mask, batch, seq)
             aux_loss = sequence_balance_loss(
                 outputs.router_logits,
                 outputs.routing_indices,
                 self.config.num_experts,
                 self.config.num_experts_per_tok,
                 batch,
+                real,
             )
             if self.config.router_z_loss_coef > 0:
-                z_loss = router_z_loss(outputs.router_logits)
+                z_loss = router_z_loss(outputs.router_logits, real)
             if loss is not None:
                 loss = loss + self.config.router_aux_loss_coef * aux_loss.to(loss.device)
                 if z_loss is not None:
                     loss = loss + self.config.router_z_loss_coef * z_loss.to(loss.device)
-        result = Ernie5CausalLMOutput(
+        return Ernie5CausalLMOutput(
             loss=loss,
             aux_loss=aux_loss,
             logits=logits,
@@ -611,9 +675,16 @@ class Ernie5ForCausalLM(Ernie5PreTrainedModel, GenerationMixin):
             routing_indices=outputs.routing_indices if output_routing_indices else None,
             hidden_states=outputs.hidden_states,
             attentions=outputs.attentions,
+            **cache_field(getattr(outputs, CACHE_FIELD)),
         )
-        result[CACHE_FIELD] = outputs[CACHE_FIELD]
-        return result
+
+    def _update_mtp_router_biases(self) -> None:
+        """Apply the balancing update of the MTP blocks' routers for the loads of the previous training forward (the
+        backbone updates its own routers the same way at the start of its forward)."""
+        if self.training and torch.is_grad_enabled():
+            for module in self.mtp:
+                if module.block.is_moe:
+                    module.block.mlp.gate.update_bias()
 
     def _logits_and_loss(self, hidden, labels=None, logits_to_keep: int | torch.Tensor = 0, **kwargs):
         """`(logits, loss)` of the output head on `hidden`; the loss is None without labels, and the logits are
@@ -647,6 +718,7 @@ class Ernie5ForCausalLM(Ernie5PreTrainedModel, GenerationMixin):
             self.config._attn_implementation, attention_mask, batch, seq, 0, cos.dtype, input_ids.device, sequence_ids
         )
         hidden = outputs.pre_norm_hidden_state
+        count_load = tokens_to_count(attention_mask, batch, seq) if elastic_spec is None or elastic_spec.is_full else False
         # A caller that shifted the labels itself (context parallelism) passes `shift_labels`, where position t holds
         # token t+1's label; depth d needs token t+d+1's, so that tensor is shifted d further for each depth.
         shift_labels = kwargs.pop("shift_labels", None)
@@ -656,7 +728,6 @@ class Ernie5ForCausalLM(Ernie5PreTrainedModel, GenerationMixin):
                 break
             # Position t sees token t+depth; the last `depth` positions have no such token and are ignored.
             shifted_ids = F.pad(input_ids[:, depth:], (0, depth), value=0)
-            count_load = elastic_spec is None or elastic_spec.is_full
             hidden, normed, _ = module(hidden, self.model.embed_tokens(shifted_ids), mask, cos, sin, count_load)
             target = F.pad(labels[:, depth:], (0, depth), value=-100)
             if sequence_ids is not None:  # packed rows: a target in the next sequence is not this one's to predict

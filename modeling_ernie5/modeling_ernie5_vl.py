@@ -36,6 +36,8 @@ from .modeling_ernie5 import (
     Ernie5Model,
     Ernie5MultiTokenPredictor,
     Ernie5PreTrainedModel,
+    cache_field,
+    real_token_mask,
     router_z_loss,
     sequence_balance_loss,
     text_positions,
@@ -96,6 +98,10 @@ class Ernie5ForConditionalGeneration(Ernie5ForCausalLM):
     """
 
     _tied_weights_keys = {"lm_head.weight": "model.embed_tokens.weight"}
+    remote_code_auto_map = {
+        **Ernie5ForCausalLM.remote_code_auto_map,
+        "AutoModelForImageTextToText": "modeling_ernie5_vl.Ernie5ForConditionalGeneration",
+    }
 
     def __init__(self, config: Ernie5Config):
         Ernie5PreTrainedModel.__init__(self, config)
@@ -187,6 +193,7 @@ class Ernie5ForConditionalGeneration(Ernie5ForCausalLM):
         Other arguments: see `Ernie5ForCausalLM.forward`.
         """
         cache = cache if cache is not None else past_key_values
+        self._update_mtp_router_biases()
         if gen_pixel_values is not None and image_gen_bits is None:
             if self.model.vision is None:
                 raise ValueError("gen_pixel_values given to a text-only model (config.vision_config is None)")
@@ -228,27 +235,30 @@ class Ernie5ForConditionalGeneration(Ernie5ForCausalLM):
         logits, lm_loss = self._logits_and_loss(hidden, labels, logits_to_keep, **kwargs)
 
         result = Ernie5ConditionalGenerationOutput(
-            logits=logits, rope_deltas=self.rope_deltas, hidden_states=outputs.hidden_states, attentions=outputs.attentions
-        )
-        result[CACHE_FIELD] = outputs[CACHE_FIELD]
+            logits=logits, rope_deltas=self.rope_deltas, hidden_states=outputs.hidden_states,
+            attentions=outputs.attentions, **cache_field(getattr(outputs, CACHE_FIELD)),
+        )  # fmt: skip
         if labels is not None:
             result.lm_loss = lm_loss
-            if len(self.mtp) and input_ids is not None:
+            # MTP is a training objective only, as in the causal LM: evaluation losses stay comparable.
+            if len(self.mtp) and input_ids is not None and self.training:
                 if position_ids is None:
                     position_ids = text_positions(attention_mask, *input_ids.shape, 0, input_ids.device)
                 result.mtp_loss = self._mtp_loss(
                     outputs, input_ids, attention_mask, position_ids, labels, elastic_spec, **kwargs
                 )
         if outputs.router_logits and outputs.routing_indices:
+            real = real_token_mask(attention_mask, *hidden.shape[:2])
             result.aux_loss = sequence_balance_loss(
                 outputs.router_logits,
                 outputs.routing_indices,
                 self.config.num_experts,
                 self.config.num_experts_per_tok,
                 hidden.shape[0],
+                real,
             )
             if self.config.router_z_loss_coef > 0:
-                result.z_loss = router_z_loss(outputs.router_logits)
+                result.z_loss = router_z_loss(outputs.router_logits, real)
         if output_router_logits:
             result.router_logits = outputs.router_logits
         if output_routing_indices:
@@ -272,8 +282,10 @@ class Ernie5ForConditionalGeneration(Ernie5ForCausalLM):
         return (per_scale * w).sum() / w.sum()
 
     def _combine_losses(self, result: Ernie5ConditionalGenerationOutput) -> Ernie5ConditionalGenerationOutput:
-        """Total loss: text and vision losses each divided by its running scale (an EMA of its own value, updated
-        in training), weighted, summed, plus the router balancing / z-loss terms."""
+        """Total loss. In training: text and vision losses each divided by its running scale (an EMA of its own
+        value), weighted, summed, plus the router balancing / z-loss terms. In evaluation the same sum without the
+        scales: a scaled loss is ~1 by construction (exactly 1 before any training step), which would make
+        `eval_loss` say nothing about the model; unscaled, the text part is the next-token loss itself."""
         if result.lm_loss is not None:
             result.text_loss = result.lm_loss
             if result.mtp_loss is not None:
@@ -284,14 +296,15 @@ class Ernie5ForConditionalGeneration(Ernie5ForCausalLM):
         for i, value, weight in parts:
             if value is None:
                 continue
-            if self.training:
-                with torch.no_grad():
-                    current = value.detach().float()
-                    old = self.loss_scales[i]
-                    momentum = vc.loss_scale_momentum if vc else 0.99
-                    self.loss_scales[i] = torch.where(old > 0, momentum * old + (1 - momentum) * current, current)
-            scale = self.loss_scales[i] if self.loss_scales[i] > 0 else value.detach().float()
-            terms.append(weight * value / scale.clamp(min=1e-3))
+            if not self.training:
+                terms.append(weight * value)
+                continue
+            with torch.no_grad():
+                current = value.detach().float()
+                old = self.loss_scales[i]
+                momentum = vc.loss_scale_momentum if vc else 0.99
+                self.loss_scales[i] = torch.where(old > 0, momentum * old + (1 - momentum) * current, current)
+            terms.append(weight * value / self.loss_scales[i].clamp(min=1e-3))
         if not terms:
             return result
         loss = torch.stack(terms).sum()

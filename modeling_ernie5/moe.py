@@ -194,12 +194,15 @@ class Ernie5TopKRouter(nn.Module):
         expert_mask: torch.Tensor | None = None,
         top_k: int | torch.Tensor | None = None,
         routing_indices: torch.Tensor | None = None,
-        count_load: bool = False,
+        count_load: bool | torch.Tensor = False,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Returns raw fp32 router logits (T, E), expert indices (T, K) and combine weights (T, K).
 
         `top_k` may be an int or a (T,) tensor of per-token k (slots beyond a token's k get index E, weight 0).
         `routing_indices` (T, K) replays a recorded routing decision (RL routing replay) instead of choosing.
+        `count_load` (training only) adds this call's assignments to the load that the next `update_bias` balances:
+        True counts every token, a (T,) boolean tensor only the tokens it marks (padding left out: pads share one
+        embedding, route alike and would push the same experts' bias down).
         """
         logits_TE = F.linear(x_TD.float(), self.weight.float())  # fp32 on purpose: routing is precision-sensitive
         probs_TE = logits_TE.softmax(dim=-1)
@@ -222,9 +225,11 @@ class Ernie5TopKRouter(nn.Module):
         valid_TK = idx_TK < self.num_experts
         w_TK = probs_TE.gather(1, idx_TK.clamp(max=self.num_experts - 1)) * valid_TK
         w_TK = w_TK / w_TK.sum(dim=-1, keepdim=True).clamp(min=1e-12)
-        if count_load and self.training:
+        counting = count_load if isinstance(count_load, torch.Tensor) else None
+        if (counting is not None or count_load) and self.training:
             with torch.no_grad():
-                self.expert_load += torch.bincount(idx_TK[valid_TK], minlength=self.num_experts + 1)[
+                counted_TK = valid_TK if counting is None else valid_TK & counting.to(valid_TK.device).view(-1, 1)
+                self.expert_load += torch.bincount(idx_TK[counted_TK], minlength=self.num_experts + 1)[
                     : self.num_experts
                 ].float()
         return logits_TE, idx_TK, w_TK
@@ -267,7 +272,7 @@ class Ernie5SparseMoeBlock(nn.Module):
         expert_mask: torch.Tensor | None = None,
         top_k: int | torch.Tensor | None = None,
         routing_indices: torch.Tensor | None = None,
-        count_load: bool = False,
+        count_load: bool | torch.Tensor = False,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         b, l, d = hidden_BLD.shape
         x_TD = hidden_BLD.reshape(-1, d)

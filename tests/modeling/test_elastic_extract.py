@@ -84,6 +84,9 @@ def test_experts_chosen_by_usage_and_per_layer_cut_matches_parent_by_replay():
     calib = ids(4, 16, seed=3)
     usage = measure_expert_usage(parent, calib, ElasticSpec(layers=(0, 2, 4)))
     assert all(u[5:].sum() == 0 for path, u in usage.items() if path in {"model.layers.0.mlp", "model.layers.2.mlp"})
+    # The MTP block runs only in training; its router is still measured: every (token, slot) of the calibration
+    # batch is counted (4 x 16 tokens, top-2 here), as in the backbone's layers.
+    assert usage["mtp.0.block.mlp"].round().sum() == usage["model.layers.0.mlp"].round().sum() > 0
     child = extract_submodel(parent, layers=(0, 2, 4), num_experts=4, calibration_data=calib).eval()
     experts = child.config.elastic_source["experts"]
     assert set(experts) == {"model.layers.0.mlp", "model.layers.2.mlp", "model.layers.4.mlp", "mtp.0.block.mlp"}

@@ -146,17 +146,53 @@ def test_text_position_ids_2d_and_3d_are_equivalent():
 
 
 def test_left_padding_leaves_logits_and_aux_loss_unchanged():
-    model = tiny_model(router_aux_loss_coef=0.01)
+    """Padding changes neither the logits of the real tokens, nor the balance and z losses (computed over real
+    tokens only), nor the expert loads that the next bias update balances."""
+    model = tiny_model(router_aux_loss_coef=0.01, router_z_loss_coef=0.001)
     x = ids(1, 7)
     padded = torch.cat([torch.zeros(1, 3, dtype=torch.long), x], dim=1)
     mask = torch.cat([torch.zeros(1, 3, dtype=torch.long), torch.ones(1, 7, dtype=torch.long)], dim=1)
+    labels = padded.masked_fill(mask == 0, -100)
+    labels[:, 3] = -100  # the first real token has nothing before it to be predicted from, as in the unpadded row
     with torch.no_grad():
-        plain = model(x)
-        left = model(padded, attention_mask=mask)
+        plain = model(x, labels=x)
+        left = model(padded, attention_mask=mask, labels=labels)
     torch.testing.assert_close(plain.logits, left.logits[:, 3:], atol=1e-5, rtol=1e-4)
+    assert plain.aux_loss is not None and plain.z_loss is not None
+    torch.testing.assert_close(plain.aux_loss, left.aux_loss, atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(plain.z_loss, left.z_loss, atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(plain.loss, left.loss, atol=1e-5, rtol=1e-5)
+    # Training forwards count loads for the balancing bias: the real tokens' assignments only.
+    model.train()
+    with torch.no_grad():
+        model(x)
+        plain_loads = [r.expert_load.clone() for r in model.model.routers()]
+        for router in model.model.routers():
+            router.expert_load.zero_()
+        model(padded, attention_mask=mask)
+    k = model.config.num_experts_per_tok
+    for router, want in zip(model.model.routers(), plain_loads):
+        assert router.expert_load.sum() == 7 * k
+        torch.testing.assert_close(router.expert_load, want)
 
 
 # ---------------------------------------------------------------------------------------------- generation
+
+
+def test_outputs_hold_the_cache_in_transformers_order_and_only_when_there_is_one():
+    """`return_dict=False` gives (loss, logits, cache, ...) as transformers' causal LMs do; without a cache the
+    output has none (not a None entry), so beam search without a cache runs instead of trying to reorder one."""
+    model = tiny_model()
+    x = ids(2, 5)
+    with torch.no_grad():
+        out = model(x, use_cache=False)
+        assert list(out.keys()) == ["logits"]
+        loss, logits, cache, lm_loss = model(x, labels=x, use_cache=True, return_dict=False)
+        assert logits.shape == (2, 5, VOCAB) and cache.get_seq_length() == 5 and torch.equal(loss, lm_loss)
+        hidden, cache, pre_norm = model.model(x, use_cache=True, return_dict=False)
+        assert hidden.shape == pre_norm.shape and cache.get_seq_length() == 5
+    kwargs = dict(num_beams=3, max_new_tokens=4, do_sample=False, pad_token_id=0, eos_token_id=None)
+    assert torch.equal(model.generate(x, use_cache=False, **kwargs), model.generate(x, use_cache=True, **kwargs))
 
 
 def test_greedy_generation_with_cache_equals_without_cache():
@@ -538,7 +574,11 @@ def test_remote_code_load_in_a_process_without_the_package(tmp_path, without_ern
             got = m(x).logits
         torch.testing.assert_close(got, want)
         out = m.generate(x[:, :3], max_new_tokens=4, do_sample=False, pad_token_id=0)
-        from transformers import AutoModelForSequenceClassification
+        from transformers import AutoModel, AutoModelForSequenceClassification
+        backbone = AutoModel.from_pretrained({str(save)!r}, trust_remote_code=True).eval()
+        assert type(backbone).__name__ == "Ernie5Model", type(backbone)
+        with torch.no_grad():
+            torch.testing.assert_close(m.lm_head(backbone(x).last_hidden_state), want)
         rm = AutoModelForSequenceClassification.from_pretrained({str(tmp_path / 'rm')!r}, trust_remote_code=True).eval()
         with torch.no_grad():
             torch.testing.assert_close(rm(x).logits, torch.load({str(tmp_path / 'want_rm.pt')!r}, weights_only=True))

@@ -220,6 +220,32 @@ def test_understanding_goes_through_the_backbone(model):
         Ernie5ForCausalLM(Ernie5Config()).model(ids, pixel_values=px)
 
 
+def test_evaluation_loss_is_unscaled_and_mtp_routers_balance_in_training():
+    """In evaluation the loss is the plain next-token loss (no running-scale division, which made a fresh model's
+    loss exactly 1, and no MTP term, as in the causal LM) plus the weighted vision loss; in training the MTP block's
+    router bias moves like the backbone's."""
+    cfg = vision_config()
+    cfg.router_bias_update_rate = 0.01
+    torch.manual_seed(0)
+    vl = Ernie5ForConditionalGeneration(cfg).eval()
+    assert len(vl.mtp) == 1
+    ids = torch.tensor([[1, 2, BOI] + [IMG] * U + [EOI, 3, 4, 5]])
+    with torch.no_grad():
+        out = vl(ids, pixel_values=toy_pixels(1), labels=ids)
+        assert out.mtp_loss is None and torch.equal(out.loss, out.lm_loss) and out.loss.item() > 2.0
+        gen = torch.tensor([[1, 2, BOI] + [GEN] * G + [EOI]])
+        out = vl(gen, labels=gen, gen_pixel_values=toy_pixels(1))
+        weight = cfg.vision_config.vision_loss_weight
+        torch.testing.assert_close(out.loss, out.lm_loss + weight * out.vision_loss)
+    vl.train()
+    gate = vl.mtp[0].block.mlp.gate
+    text = torch.randint(1, 60, (2, 12))
+    for _ in range(3):
+        vl(text, labels=text).loss.backward()
+    assert torch.count_nonzero(gate.e_score_correction_bias) > 0
+    assert gate.expert_load.sum() == 2 * 12 * cfg.num_experts_per_tok  # only the last forward's load is pending
+
+
 def test_causal_lm_mtp_loss_takes_the_image_layout_like_the_backbone():
     """A text-class model given image placeholders (TRL loads `AutoModelForCausalLM`) derives the image's positions and
     block mask in the backbone; the MTP loss must use the same ones, not plain text positions and a causal mask."""
@@ -306,8 +332,8 @@ def test_text_only_config_unchanged():
 
 
 @pytest.mark.slow
-def test_vl_model_save_load_and_remote_code(tmp_path, model):
-    from transformers import AutoModelForImageTextToText
+def test_vl_model_save_load_and_remote_code(tmp_path, model, without_ernie5_packages):
+    from transformers import AutoModelForCausalLM, AutoModelForImageTextToText
 
     model.save_pretrained(tmp_path)
     ids = torch.tensor([[1, 2, BOI] + [IMG] * U + [EOI, 3]])
@@ -316,16 +342,23 @@ def test_vl_model_save_load_and_remote_code(tmp_path, model):
     loaded = AutoModelForImageTextToText.from_pretrained(tmp_path).eval()
     assert isinstance(loaded, Ernie5ForConditionalGeneration)
     assert torch.allclose(loaded(ids, pixel_values=px).logits, ref, atol=1e-5)
-    torch.save({"ids": ids, "px": px, "ref": ref}, tmp_path / "probe.pt")
-    script = textwrap.dedent(
+    text = torch.tensor([[1, 2, 3, 4, 5]])
+    text_ref = model(text).logits
+    assert type(AutoModelForCausalLM.from_pretrained(tmp_path)) is Ernie5ForCausalLM
+    torch.save({"ids": ids, "px": px, "ref": ref, "text": text, "text_ref": text_ref}, tmp_path / "probe.pt")
+    # In a process where the ernie5 packages cannot be imported: the saved code is all there is.
+    script = without_ernie5_packages + textwrap.dedent(
         f"""
         import torch
-        from transformers import AutoModelForImageTextToText
+        from transformers import AutoModelForCausalLM, AutoModelForImageTextToText
         m = AutoModelForImageTextToText.from_pretrained({str(tmp_path)!r}, trust_remote_code=True).eval()
         assert type(m).__module__.startswith("transformers_modules"), type(m).__module__
         probe = torch.load({str(tmp_path / "probe.pt")!r}, weights_only=True)
         out = m(probe["ids"], pixel_values=probe["px"]).logits
         assert torch.allclose(out, probe["ref"], atol=1e-5), (out - probe["ref"]).abs().max()
+        lm = AutoModelForCausalLM.from_pretrained({str(tmp_path)!r}, trust_remote_code=True).eval()
+        assert type(lm).__name__ == "Ernie5ForCausalLM" and type(lm).__module__.startswith("transformers_modules")
+        assert torch.allclose(lm(probe["text"]).logits, probe["text_ref"], atol=1e-5)
         print("remote ok")
         """
     )
