@@ -86,10 +86,17 @@ def main(argv: list[str] | None = None) -> int:
     summaries = run_pipeline(config, stages)
     plot_summaries(summaries, config.output_dir)
     brief = {
-        name: {k: s[k] for k in ("complete", "n_inputs", "finished_samples", "counts", "cost")}
+        name: {k: s.get(k) for k in ("complete", "n_inputs", "finished_samples", "retry_samples", "counts", "cost")}
         for name, s in summaries.items()
     }
     print(json.dumps(brief, indent=2))
+    for name, summary in summaries.items():
+        if summary.get("retry_samples"):
+            print(
+                f"stage {name}: {summary['retry_samples']} samples failed transiently (teacher unreachable or "
+                "overloaded) and were not recorded as done; rerun the same command to retry them",
+                file=sys.stderr,
+            )
     return 0 if all(s["complete"] for s in summaries.values()) else 3
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 from typing import Any
 
 TEACHERS = ("toy", "openai", "transformers")
@@ -20,7 +21,8 @@ class MMATConfig:
 
     Paths and engine:
         output_dir: where every stage writes `<stage>/data/*.parquet`, failures, stats and `_COMPLETE`.
-        inputs: local VQA files (JSONL, JSON, CSV, Parquet) or saved `datasets` folders for curate.
+        inputs: local VQA files (JSONL, JSON, CSV, Parquet) or saved `datasets` folders for curate; `name=path`
+            names the source (default: the file stem, see :mod:`processing.mmat.curate`).
         image_root: images named in the inputs are resolved under this folder (no escaping it).
         shard_size / concurrency: samples per shard (the unit of resume) / samples in flight per process.
         executor / tasks / workers: `local` (default) or `datatrove` with `tasks` ranks over `workers` processes.
@@ -28,8 +30,16 @@ class MMATConfig:
     Teacher:
         teacher: `toy` (the deterministic toy-world program), `openai` (any OpenAI-compatible endpoint) or
             `transformers` (a local model folder in `teacher_model`).
+        budget_requests / budget_tokens / budget_cost_usd: limits for the whole run (every stage and datatrove
+            task), kept in the spend ledger `<output_dir>/_spend/<run_id>.json`.
+        teacher_device / teacher_max_new_tokens: torch device and reply length of the `transformers` teacher.
+        run_id: names the ledger; each invocation picks a fresh one, so a rerun gets a fresh budget. Set it to
+            let several invocations share one budget.
 
-    Tools: operators and retrieval of :func:`processing.tools.build_runtime`.
+    Tools: operators and retrieval of :func:`processing.tools.build_runtime`; `tool_device` is the torch device
+    of the detection and captioning pipelines. `web_search_api_key_env` names
+    the environment variable holding the search API key: the config is written to disk (datatrove's
+    `executor.json`, logs), so a key inside `web_search_url` is refused.
 
     Filters: `gold_filter` drops samples whose teacher answer differs from the gold answer; `judge` scores
     samples 0-1 and `min_quality` drops those below it; `drop_cheating` drops samples flagged by the
@@ -50,11 +60,14 @@ class MMATConfig:
     teacher_max_retries: int = 4
     teacher_backoff_s: float = 1.0
     teacher_max_concurrency: int = 4
+    teacher_device: str = "cpu"
+    teacher_max_new_tokens: int = 512
     max_format_retries: int = 2
     toy_latency_s: float = 0.0
     budget_requests: int | None = None
     budget_tokens: int | None = None
     budget_cost_usd: float | None = None
+    run_id: str | None = None
     prompt_price_per_1k: float = 0.0
     completion_price_per_1k: float = 0.0
 
@@ -66,7 +79,9 @@ class MMATConfig:
     detector_path: str | None = None
     captioner_path: str | None = None
     web_search_url: str | None = None
+    web_search_api_key_env: str | None = None
     tool_timeout_s: float = 30.0
+    tool_device: str = "cpu"
     rag_top_k: int = 3
 
     # rationale / reflection / quality
@@ -98,9 +113,20 @@ class MMATConfig:
             raise ValueError("teacher='transformers' needs teacher_model (a local model folder)")
         if self.executor not in EXECUTORS:
             raise ValueError(f"executor must be one of {EXECUTORS}, got {self.executor!r}")
-        for name in ("shard_size", "concurrency", "max_steps", "tasks", "workers", "rag_top_k"):
+        positive = ("shard_size", "concurrency", "max_steps", "tasks", "workers", "rag_top_k", "teacher_max_new_tokens")
+        for name in positive:
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.web_search_url:
+            from urllib.parse import parse_qs, urlparse
+
+            params = parse_qs(urlparse(self.web_search_url).query)
+            secret = [k for k in params if re.search(r"key|token|secret", k, re.IGNORECASE)]
+            if secret:
+                raise ValueError(
+                    f"web_search_url carries {secret[0]!r}, a credential that would be written to disk with the "
+                    "config; put the key in an environment variable and name it with web_search_api_key_env"
+                )
         if self.min_quality is not None and not 0.0 <= self.min_quality <= 1.0:
             raise ValueError(f"min_quality must be in [0, 1], got {self.min_quality}")
         if self.min_quality is not None and not self.judge:

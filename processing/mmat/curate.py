@@ -1,20 +1,26 @@
 """Stage 1, curate (MMAT-1M §3.2 "Foundation"): local VQA files -> one schema with answer-style constraints.
 
-Reads JSONL, JSON (a list or `{"data": [...]}`), CSV, Parquet or a saved `datasets` folder. Flat records
+Reads JSONL, JSON (a list or `{"data": [...]}`), CSV, Parquet or a saved `datasets` folder (a Dataset, or a
+DatasetDict whose splits all become sources `<name>/<split>`). Each input is a source named by its file stem,
+or explicitly with `name=path`; two inputs with the same stem are told apart by their parent folder
+(`textvqa/train`, `docvqa/train`), and two inputs that still share a source are refused. Flat records
 name their fields in any of the common spellings below; LLaVA-style `conversations` records yield one
 QA pair per human/assistant exchange. Every pair becomes
 `{id, source, image, question, answer, style, meta}`: `image` is an absolute path checked to lie under
 the image root and to decode, `style` the constraint appended to short-answer questions, `meta` the
-record's other fields as JSON. Bad pairs (no question, missing or corrupt image, duplicate id) are
-recorded with a reason and skipped.
+record's other fields as JSON. Bad pairs (a row that is not an object, no question, missing or corrupt image,
+duplicate id) are recorded with a reason and skipped.
 """
 
 from __future__ import annotations
 
 import csv
+import hashlib
 import json
 import os
 import re
+from collections import Counter
+from collections.abc import Iterator
 from pathlib import Path
 
 from PIL import Image, UnidentifiedImageError
@@ -27,6 +33,7 @@ ANSWER_KEYS = ("answer", "answers", "gt_answer", "label", "Answer", "response", 
 IMAGE_KEYS = ("image", "image_path", "img", "image_file", "file_name", "img_path", "filename")
 ID_KEYS = ("id", "question_id", "qid", "sample_id", "idx")
 _OPTION_LINE = re.compile(r"(^|\n)\s*\(?[A-F][\.\):]\s+\S")
+_NAMED_INPUT = re.compile(r"([A-Za-z0-9_.-]+)=(.+)")
 
 
 def _first(record: dict, keys: tuple[str, ...]):
@@ -36,41 +43,91 @@ def _first(record: dict, keys: tuple[str, ...]):
     return None, None
 
 
-def read_vqa_file(path: str | os.PathLike) -> list[dict]:
-    """Rows of a local VQA file or saved `datasets` folder, as dicts."""
+def read_vqa_rows(path: str | os.PathLike) -> Iterator[tuple[str | None, int, str, object]]:
+    """`(split, index, location, row)` for each row of a local VQA file or saved `datasets` folder.
+
+    `split` names the split of a saved DatasetDict (None otherwise), `index` counts rows within it, and
+    `location` (`file:line` for JSONL, `file#index` otherwise) lets a failure point at the row. Rows come as
+    read, objects or not: curate records a non-object row as a failure instead of stopping the run.
+    """
     path = Path(path)
     if path.is_dir():
         import datasets
 
-        return list(datasets.load_from_disk(str(path)))
+        loaded = datasets.load_from_disk(str(path))
+        splits = loaded.items() if isinstance(loaded, datasets.DatasetDict) else [(None, loaded)]
+        for split, dataset in splits:
+            for index, row in enumerate(dataset):
+                yield split, index, f"{path}[{split}]#{index}" if split else f"{path}#{index}", row
+        return
     suffix = path.suffix.lower()
     if suffix == ".jsonl":
-        rows = []
         with open(path, encoding="utf-8") as f:
+            index = 0
             for lineno, line in enumerate(f, 1):
                 if line.strip():
                     try:
-                        rows.append(json.loads(line))
+                        row = json.loads(line)
                     except json.JSONDecodeError as err:
                         raise ValueError(f"{path}:{lineno}: not valid JSON ({err.msg})") from err
-        return rows
+                    yield None, index, f"{path}:{lineno}", row
+                    index += 1
+        return
     if suffix == ".json":
         data = json.loads(path.read_text(encoding="utf-8"))
         if isinstance(data, dict):
             data = data.get("data") or data.get("annotations") or data.get("questions")
         if not isinstance(data, list):
             raise ValueError(f"{path}: expected a JSON list of records (or {{'data': [...]}})")
-        return data
-    if suffix == ".csv":
+        rows = data
+    elif suffix == ".csv":
         with open(path, encoding="utf-8", newline="") as f:
-            return list(csv.DictReader(f))
-    if suffix == ".parquet":
+            rows = list(csv.DictReader(f))
+    elif suffix == ".parquet":
         import pyarrow.parquet as pq
 
-        return pq.read_table(path).to_pylist()
-    raise ValueError(
-        f"{path}: unsupported VQA file type {suffix!r}; use .jsonl, .json, .csv, .parquet or a datasets folder"
-    )
+        rows = pq.read_table(path).to_pylist()
+    else:
+        raise ValueError(
+            f"{path}: unsupported VQA file type {suffix!r}; use .jsonl, .json, .csv, .parquet or a datasets folder"
+        )
+    for index, row in enumerate(rows):
+        yield None, index, f"{path}#{index}", row
+
+
+def read_vqa_file(path: str | os.PathLike) -> list:
+    """Rows of a local VQA file or saved `datasets` folder (all splits of a DatasetDict), as read."""
+    return [row for _, _, _, row in read_vqa_rows(path)]
+
+
+def input_sources(inputs: list[str]) -> list[tuple[str, Path]]:
+    """`(source, path)` per input: `name=path` names it, else the file stem (folder name for a datasets folder).
+
+    Sources prefix the sample ids, so two inputs sharing one would make the second's ids duplicates. Inputs with
+    the same stem (`textvqa/train.jsonl`, `docvqa/train.jsonl`) take their parent folder as a prefix; inputs
+    that still collide (the same file twice, two equal explicit names) are refused.
+    """
+    parsed = []
+    for spec in inputs:
+        match = _NAMED_INPUT.fullmatch(str(spec))
+        if match and not Path(spec).exists():
+            parsed.append((match[1], Path(match[2]), True))
+        else:
+            path = Path(spec)
+            parsed.append((path.name if path.is_dir() else path.stem, path, False))
+    stems = Counter(name for name, _, named in parsed if not named)
+    sources = [
+        (f"{path.resolve().parent.name}/{name}" if not named and stems[name] > 1 else name, path)
+        for name, path, named in parsed
+    ]
+    for name, count in Counter(name for name, _ in sources).items():
+        if count > 1:
+            clashing = [str(path) for source, path in sources if source == name]
+            raise ValueError(
+                f"inputs {clashing} all map to the source {name!r}, so their ids would collide; name them apart "
+                f"with `name=path` (e.g. `{name.replace('/', '_')}_a={clashing[0]}`)"
+            )
+    return sources
 
 
 def _majority(answers) -> str:
@@ -135,13 +192,19 @@ def style_constraint(question: str, answer: str) -> str | None:
     return None
 
 
+def _stored_image_name(sample_id: str) -> str:
+    # Sanitising alone maps `a/b` and `a_b` to one file; the hash of the raw id keeps them apart.
+    digest = hashlib.sha256(sample_id.encode("utf-8")).hexdigest()[:8]
+    return f"{re.sub(r'[^A-Za-z0-9_.-]', '_', sample_id)}-{digest}.png"
+
+
 def resolve_image(raw, root: Path, store_dir: Path, sample_id: str) -> str:
     """An image reference -> an absolute path under `root` that decodes; SampleError otherwise."""
     if raw is None or raw == "":
         raise SampleError("missing_image", "the record names no image")
     if isinstance(raw, dict) and raw.get("bytes"):
         store_dir.mkdir(parents=True, exist_ok=True)
-        path = store_dir / (re.sub(r"[^A-Za-z0-9_.-]", "_", sample_id) + ".png")
+        path = store_dir / _stored_image_name(sample_id)
         import io
 
         try:
@@ -153,7 +216,7 @@ def resolve_image(raw, root: Path, store_dir: Path, sample_id: str) -> str:
         raw = raw.get("path")
     if isinstance(raw, Image.Image):
         store_dir.mkdir(parents=True, exist_ok=True)
-        path = store_dir / (re.sub(r"[^A-Za-z0-9_.-]", "_", sample_id) + ".png")
+        path = store_dir / _stored_image_name(sample_id)
         raw.convert("RGB").save(path)
         return str(path)
     candidate = (root / str(raw)).resolve()
@@ -184,11 +247,17 @@ class CurateStage(Stage):
         if not self.config.inputs:
             raise ValueError("curate needs at least one input file (`inputs`)")
         records, seen = [], {}
-        for path in self.config.inputs:
-            source = Path(path).stem if not Path(path).is_dir() else Path(path).name
-            root = Path(self.config.image_root) if self.config.image_root else Path(path).resolve().parent
-            for index, row in enumerate(read_vqa_file(path)):
-                for cand in expand_record(row, source, index):
+        for name, path in input_sources(self.config.inputs):
+            root = Path(self.config.image_root) if self.config.image_root else path.resolve().parent
+            for split, index, where, row in read_vqa_rows(path):
+                source = f"{name}/{split}" if split else name
+                if isinstance(row, dict):
+                    candidates = expand_record(row, source, index)
+                else:
+                    bad = f"{where}: expected a JSON object, got {type(row).__name__}"
+                    # `#` keeps the id apart from a record whose own id is the same number.
+                    candidates = [{"id": f"{source}/#{index}", "source": source, "not_an_object": bad}]
+                for cand in candidates:
                     cand["image_root"] = str(root)
                     # A repeated id becomes a recorded failure, not a crash of the whole run.
                     if cand["id"] in seen:
@@ -203,6 +272,8 @@ class CurateStage(Stage):
         return records
 
     def process(self, record: dict) -> dict:
+        if record.get("not_an_object"):
+            raise SampleError("not_an_object", record["not_an_object"])
         if record.get("duplicate_of"):
             raise SampleError("duplicate_id", f"id {record['duplicate_of']!r} already used by an earlier record")
         question, answer = record.get("question"), record.get("answer")

@@ -8,6 +8,10 @@ repeated. When every sample of a shard is journalled the shard is sealed: its su
 `failures/shard-NNNNN.jsonl` (id, reason, detail), its counters `stats/shard-NNNNN.json`; only then is the
 journal removed. When all shards are sealed the stage writes `_COMPLETE` and `summary.json`.
 
+A sample that fails for a passing reason (the teacher endpoint is down: :class:`RetryLater`) is not
+journalled: its shard stays unsealed, the stage incomplete, and the ids wait in `_retry/shard-NNNNN.jsonl`
+(rewritten on every run of the shard) so the summary can say how many a rerun will retry.
+
 Scale-out: shards are independent, so the same code runs in one process (`executor="local"`) or under
 datatrove's executors (`executor="datatrove"`): each datatrove task takes the shards with
 `shard % world_size == rank`. We chose datatrove over Ray Data because a stage is a per-record map whose
@@ -27,6 +31,7 @@ import logging
 import os
 import threading
 import time
+import uuid
 from collections import Counter
 from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 from pathlib import Path
@@ -46,6 +51,10 @@ class SampleError(Exception):
         super().__init__(f"{reason}: {detail}" if detail else reason)
         self.reason = reason
         self.detail = detail
+
+
+class RetryLater(Exception):
+    """A sample failed for a reason outside it (teacher unreachable); it is left unfinished for the next run."""
 
 
 class Stage:
@@ -116,6 +125,18 @@ def load_stage(output_dir: str | os.PathLike, name: str):
     return datasets.Dataset.from_parquet(files)
 
 
+def with_run_id(config):
+    """`config` with a fresh `run_id` unless it has one: the id names the run's spend ledger."""
+    if config.run_id:
+        return config
+    return dataclasses.replace(config, run_id=f"{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:8]}")
+
+
+def spend_ledger(config) -> Path | None:
+    """The file in which every stage and task of a run counts its teacher spend (None before a run id is set)."""
+    return Path(config.output_dir) / "_spend" / f"{config.run_id}.json" if config.run_id else None
+
+
 def _shard_name(index: int) -> str:
     return f"shard-{index:05d}"
 
@@ -156,6 +177,9 @@ class ShardRunner:
     def sealed(self, index: int) -> bool:
         return (self.dir / "stats" / f"{_shard_name(index)}.json").exists()
 
+    def _retry_path(self, index: int) -> Path:
+        return self.dir / "_retry" / f"{_shard_name(index)}.jsonl"
+
     def _journal_path(self, index: int) -> Path:
         return self.dir / "_journal" / f"{_shard_name(index)}.jsonl"
 
@@ -187,6 +211,8 @@ class ShardRunner:
             return {"id": rid, "status": "ok", "record": self.stage.process(record)}
         except SampleError as err:
             return {"id": rid, "status": "fail", "reason": err.reason, "detail": err.detail[:500]}
+        except RetryLater as err:
+            return {"id": rid, "status": "retry", "detail": str(err)[:500]}
         except BudgetExceeded:
             raise
         except Exception as err:  # noqa: BLE001 - a bug on one record is recorded, not fatal to the batch
@@ -194,7 +220,10 @@ class ShardRunner:
             return {"id": rid, "status": "fail", "reason": "internal_error", "detail": repr(err)[:500]}
 
     def run_shard(self, index: int, progress=None) -> tuple[int, bool]:
-        """Process the missing samples of one shard and seal it. Returns (processed, budget_exhausted)."""
+        """Process the missing samples of one shard and seal it. Returns (processed, budget_exhausted).
+
+        Samples that raised :class:`RetryLater` are listed in the shard's retry file, not journalled.
+        """
         from .teachers import BudgetExceeded
 
         if self.sealed(index):
@@ -210,7 +239,7 @@ class ShardRunner:
                 data = f.read()
                 keep = data.rfind(b"\n") + 1
                 f.truncate(keep)
-        processed, exhausted = 0, False
+        processed, exhausted, retry = 0, False, []
         if pending:
             # Building models lazily from several threads at once races inside imports (half-initialised
             # transformers / cv2 modules), so resources are loaded here, on one thread.
@@ -235,14 +264,31 @@ class ShardRunner:
                             logger.warning("stage %s stops early: %s", self.stage.name, err)
                         exhausted = True
                         continue
+                    if entry["status"] == "retry":
+                        retry.append({"id": entry["id"], "detail": entry["detail"]})
+                        continue
                     self._append(journal, entry)
                     done[entry["id"]] = entry
                     processed += 1
                     if progress is not None:
                         progress.update(1)
+        self._write_retry(index, retry, done)
         if not exhausted and all(str(r["id"]) in done for r in shard):
             self._seal(index, [done[str(r["id"])] for r in shard])
         return processed, exhausted
+
+    def _write_retry(self, index: int, retry: list[dict], done: dict[str, dict]) -> None:
+        """Keep the shard's retry file to the samples still waiting: this run's, plus earlier ones not reached."""
+        path = self._retry_path(index)
+        tried = {r["id"] for r in retry}
+        if path.exists():
+            earlier = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line]
+            retry = [r for r in earlier if r["id"] not in done and r["id"] not in tried] + retry
+        if retry:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            _atomic_write(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in retry))
+        else:
+            path.unlink(missing_ok=True)
 
     def _seal(self, index: int, entries: list[dict]) -> None:
         name = _shard_name(index)
@@ -272,6 +318,15 @@ class ShardRunner:
         (self.dir / "stats").mkdir(exist_ok=True)
         _atomic_write(self.dir / "stats" / f"{name}.json", json.dumps(dict(counts), sort_keys=True))
         self._journal_path(index).unlink(missing_ok=True)
+
+    def retry_count(self) -> int:
+        """Samples left unfinished by a passing failure in the last run of their shard."""
+        count = 0
+        for index in range(len(self.shards)):
+            path = self._retry_path(index)
+            if path.exists() and not self.sealed(index):
+                count += sum(1 for line in path.read_text(encoding="utf-8").splitlines() if line)
+        return count
 
     def finished_count(self) -> int:
         count = 0
@@ -333,6 +388,7 @@ def finalize(stage: Stage, run_info: dict) -> dict:
         "n_shards": len(runner.shards),
         "sealed_shards": sealed,
         "finished_samples": runner.finished_count(),
+        "retry_samples": runner.retry_count(),
         "counts": dict(sorted(totals.items())),
         "cost": _sum_usage([r.get("usage", {}) for r in runs]),
         "runs": runs,
@@ -359,7 +415,8 @@ def run_stage(stage: Stage) -> dict:
 
     A completed stage (`_COMPLETE` present) is not run again.
     """
-    config = stage.config
+    # A stage run on its own is a run: its budget is counted in a ledger of its own.
+    stage.config = config = with_run_id(stage.config)
     directory = stage_dir(config.output_dir, stage.name)
     if is_complete(config.output_dir, stage.name):
         logger.info("stage %s already complete in %s", stage.name, directory)
@@ -377,12 +434,25 @@ def run_stage(stage: Stage) -> dict:
         )
         executor.run()
         info: dict[str, Any] = {"executor": "datatrove", "tasks": config.tasks, "workers": config.workers}
+        # The tasks' teachers lived in other processes; what they spent is in the run's ledger.
+        from .teachers import Budget
+
+        ledger = spend_ledger(config)
+        if ledger.exists():
+            info["usage"] = Budget(ledger=ledger, scope=stage.name).snapshot()
     else:
         info = run_shards(stage)
         info["executor"] = "local"
     info["elapsed_s"] = round(time.time() - start, 3)
     summary = finalize(stage, info)
-    if not summary["complete"] and not info.get("budget_exhausted"):
+    if summary["retry_samples"]:
+        logger.warning(
+            "stage %s: %d samples failed transiently (teacher unreachable) and are not recorded as done; rerun the "
+            "same command to retry them",
+            stage.name,
+            summary["retry_samples"],
+        )
+    elif not summary["complete"] and not info.get("budget_exhausted"):
         logger.warning(
             "stage %s is incomplete (%d/%d shards sealed)", stage.name, summary["sealed_shards"], summary["n_shards"]
         )

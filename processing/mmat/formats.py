@@ -179,10 +179,23 @@ def render_rr(sample: dict, steps: list[dict], reflection: dict | None, answer: 
     return messages
 
 
+def _reads_retrieval(steps: list[dict], index: int) -> bool:
+    """Whether a step asked for retrieval, or follows one that did (its thought reads the retrieved text)."""
+
+    def asked(step: dict) -> bool:
+        return bool((step.get("rag") or {}).get("needed") or step.get("rag_result"))
+
+    return asked(steps[index]) or (index > 0 and asked(steps[index - 1]))
+
+
 def render_orr(
     sample: dict, steps: list[dict], reflection: dict | None, answer: str, system: bool = True
 ) -> list[dict]:
-    """The one-turn ORR sample: successful operator results inlined (RAG excluded, §3.2), thoughts joined."""
+    """The one-turn ORR sample: successful operator results inlined, thoughts joined.
+
+    ORR carries no RAG (MMAT-1M §3.2): neither the retrieved text in the user turn nor the thoughts of steps
+    that asked for or read it, which quote or announce the retrieval.
+    """
     prompt = with_style(sample["question"], sample.get("style"))
     api = ""
     for step in steps:
@@ -190,7 +203,7 @@ def render_orr(
             if result.get("ok") and result["name"] != "rag":
                 api += API_INVOKE.format(name=result["name"]) + API_RESULT.format(result=result["text"])
     user = f"{IMAGE_TAG}{prompt}" + (f"{ORR_API_INTRO}{api}" if api else "")
-    thoughts = [s["thought"].strip() for s in steps]
+    thoughts = [s["thought"].strip() for i, s in enumerate(steps) if not _reads_retrieval(steps, i)]
     if reflection is not None:
         thoughts += [reflection["opener"].strip(), reflection["thought"].strip()]
     reply = ORR_ANSWER.format(thought=" ".join(t for t in thoughts if t), answer=answer)

@@ -17,7 +17,7 @@ from PIL import Image, UnidentifiedImageError
 
 from processing.tools import LABEL_BBOX, RAG
 
-from .engine import SampleError, Stage
+from .engine import RetryLater, SampleError, Stage
 from .steps import MalformedReply
 from .teachers import TeacherError
 
@@ -38,15 +38,27 @@ _NUMBER_WORDS = {
 }
 
 
+# A word in any script (`\w`, so "上海" survives) with an optional decimal part; a minus sign belongs to the number
+# only where it does not join two words ("-5" keeps its sign, "5-3" is two numbers).
+_WORD = re.compile(r"(?:(?<!\w)-)?\w+(?:\.\d+)?")
+
+
 def normalize_answer(text: str) -> str:
-    """Lower-case, drop "The answer is:", punctuation and articles, map number words to digits."""
+    """Lower-case, drop "The answer is:", punctuation and articles, map number words to digits.
+
+    A one-word answer keeps its article-like word: the gold answer "A" is an option letter, not an article.
+    """
     text = re.sub(r"^\s*(the answer is:?)", "", str(text).strip(), flags=re.IGNORECASE)
-    words = re.findall(r"[a-z0-9]+(?:\.[0-9]+)?", text.lower())
-    return " ".join(_NUMBER_WORDS.get(w, w) for w in words if w not in _ARTICLES)
+    words = _WORD.findall(text.lower())
+    if len(words) > 1:
+        words = [w for w in words if w not in _ARTICLES]
+    return " ".join(_NUMBER_WORDS.get(w, w) for w in words)
 
 
 def answers_match(prediction: str, gold: str) -> bool:
-    return normalize_answer(prediction) == normalize_answer(gold)
+    """Equal normalised answers; an answer that normalises to nothing matches nothing."""
+    normalized = normalize_answer(prediction)
+    return bool(normalized) and normalized == normalize_answer(gold)
 
 
 def open_image(path: str) -> Image.Image:
@@ -84,7 +96,7 @@ class RationaleStage(Stage):
         if self._teacher is None:
             from .stages import build_teacher
 
-            self._teacher = build_teacher(self.config)
+            self._teacher = build_teacher(self.config, self.name)
         return self._teacher
 
     @property
@@ -155,6 +167,9 @@ class RationaleStage(Stage):
         except MalformedReply as err:
             raise SampleError("malformed_step", str(err)) from err
         except TeacherError as err:
+            # An unreachable endpoint says nothing about the sample: leave it for the next run.
+            if err.transient:
+                raise RetryLater(str(err)) from err
             raise SampleError("teacher_error", str(err)) from err
         if self.config.gold_filter and not answers_match(answer, record["answer"]):
             raise SampleError("answer_mismatch", f"teacher answered {answer!r}, gold is {record['answer']!r}")

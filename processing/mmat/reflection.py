@@ -19,14 +19,16 @@ from __future__ import annotations
 import json
 import re
 
-from .engine import SampleError, Stage
+from .engine import RetryLater, SampleError, Stage
 from .formats import GENERAL_OPENERS, MATH_OPENERS, pick, render_rr
 from .steps import MalformedReply
 from .teachers import TeacherError
 
 
 def is_math_sample(record: dict, math_sources: list[str]) -> bool:
-    if record["source"].lower() in {s.lower() for s in math_sources}:
+    # Sources may carry a folder or split (`mathvista/testmini`, `geoqa/train`): any part can name a math set.
+    parts = set(record["source"].lower().split("/")) | {record["source"].lower()}
+    if parts & {s.lower() for s in math_sources}:
         return True
     return re.fullmatch(r"-?\d+(\.\d+)?", record["answer"].strip()) is not None
 
@@ -43,7 +45,7 @@ class ReflectionStage(Stage):
         if self._teacher is None:
             from .stages import build_teacher
 
-            self._teacher = build_teacher(self.config)
+            self._teacher = build_teacher(self.config, self.name)
         return self._teacher
 
     def setup(self) -> None:
@@ -113,6 +115,9 @@ class ReflectionStage(Stage):
         except MalformedReply as err:
             raise SampleError("malformed_reflection", str(err)) from err
         except TeacherError as err:
+            # An unreachable endpoint says nothing about the sample: leave it for the next run.
+            if err.transient:
+                raise RetryLater(str(err)) from err
             raise SampleError("teacher_error", str(err)) from err
         if self.config.min_quality is not None and score is not None and score < self.config.min_quality:
             raise SampleError("low_quality", f"judge score {score} < {self.config.min_quality}: {reason}")

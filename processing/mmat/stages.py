@@ -6,7 +6,7 @@ import logging
 
 from .config import MMATConfig
 from .curate import CurateStage
-from .engine import Stage, run_stage
+from .engine import Stage, run_stage, with_run_id
 from .integration import IntegrateStage
 from .rationale import RationaleStage
 from .reflection import ReflectionStage
@@ -22,8 +22,9 @@ STAGES = {
 ORDER = tuple(STAGES)
 
 
-def build_teacher(config: MMATConfig):
-    """The teacher named by `config.teacher`, with the run's budget."""
+def build_teacher(config: MMATConfig, stage: str = ""):
+    """The teacher named by `config.teacher`, with the run's budget (spent by `stage` in the run's ledger)."""
+    from .engine import spend_ledger
     from .teachers import Budget, ChatTeacher, OpenAIChatClient, TransformersChatClient
 
     budget = Budget(
@@ -32,6 +33,8 @@ def build_teacher(config: MMATConfig):
         max_cost_usd=config.budget_cost_usd,
         prompt_price_per_1k=config.prompt_price_per_1k,
         completion_price_per_1k=config.completion_price_per_1k,
+        ledger=spend_ledger(config),
+        scope=stage,
     )
     if config.teacher == "toy":
         from .toy_teacher import ToyTeacher
@@ -49,7 +52,12 @@ def build_teacher(config: MMATConfig):
             budget=budget,
         )
         return ChatTeacher(client, max_format_retries=config.max_format_retries)
-    client = TransformersChatClient(config.teacher_model, budget=budget)
+    client = TransformersChatClient(
+        config.teacher_model,
+        max_new_tokens=config.teacher_max_new_tokens,
+        device=config.teacher_device,
+        budget=budget,
+    )
     return ChatTeacher(client, max_format_retries=config.max_format_retries)
 
 
@@ -69,7 +77,9 @@ def build_tools(config: MMATConfig):
         detector_path=config.detector_path,
         captioner_path=config.captioner_path,
         web_search_url=config.web_search_url,
+        web_search_api_key_env=config.web_search_api_key_env,
         timeout_s=config.tool_timeout_s,
+        device=config.tool_device,
     )
 
 
@@ -80,7 +90,11 @@ def build_stage(name: str, config: MMATConfig) -> Stage:
 
 
 def run_pipeline(config: MMATConfig, stages: list[str] | tuple[str, ...] = ORDER) -> dict[str, dict]:
-    """Run stages in order (skipping completed ones); stop at the first one left incomplete."""
+    """Run stages in order (skipping completed ones); stop at the first one left incomplete.
+
+    The stages share one run id, hence one spend ledger: the budget caps the whole pipeline.
+    """
+    config = with_run_id(config)
     summaries = {}
     for name in stages:
         summary = run_stage(build_stage(name, config))

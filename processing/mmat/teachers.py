@@ -18,13 +18,16 @@ methods for offline runs.
 from __future__ import annotations
 
 import base64
+import contextlib
 import dataclasses
 import io
+import json
 import logging
 import os
 import random
 import threading
 import time
+from pathlib import Path
 
 from PIL import Image
 
@@ -44,7 +47,15 @@ logger = logging.getLogger(__name__)
 
 
 class TeacherError(RuntimeError):
-    """A teacher call failed for good (retries exhausted, or a non-retryable HTTP error)."""
+    """A teacher call failed (retries exhausted, or a non-retryable HTTP error).
+
+    `transient` is True when the endpoint was unavailable (timeouts, connection errors, 429/5xx to the last
+    try): the sample itself is fine and a later run should retry it, so stages do not record it as done.
+    """
+
+    def __init__(self, message: str, transient: bool = False):
+        super().__init__(message)
+        self.transient = transient
 
 
 class BudgetExceeded(RuntimeError):
@@ -58,8 +69,15 @@ class ChatReply:
     completion_tokens: int = 0
 
 
+_NO_SPEND = {"requests": 0, "prompt_tokens": 0, "completion_tokens": 0}
+
+
 class Budget:
-    """Thread-safe per-run limits on requests, tokens and cost.
+    """Thread- and process-safe per-run limits on requests, tokens and cost.
+
+    Without `ledger` the counts live in this object. With one they live in a JSON file that every stage and
+    every datatrove task of a run shares, read and updated under an exclusive `fcntl` lock before each
+    request: the limits then hold for the whole run, not once per stage or per process.
 
     Args:
         max_requests (`int`, *optional*): request cap (counted when a request is sent, retries included).
@@ -67,6 +85,9 @@ class Budget:
         max_cost_usd (`float`, *optional*): cost cap, from the two prices below.
         prompt_price_per_1k (`float`, *optional*, defaults to 0.0): USD per 1000 prompt tokens.
         completion_price_per_1k (`float`, *optional*, defaults to 0.0): USD per 1000 completion tokens.
+        ledger (`str` or `os.PathLike`, *optional*): the run's spend file (`<output_dir>/_spend/<run_id>.json`).
+        scope (`str`, *optional*, defaults to `""`): the stage spending; the ledger keeps a sub-total per scope,
+            which :meth:`snapshot` reports, while the limits apply to the total.
     """
 
     def __init__(
@@ -76,43 +97,73 @@ class Budget:
         max_cost_usd: float | None = None,
         prompt_price_per_1k: float = 0.0,
         completion_price_per_1k: float = 0.0,
+        ledger: str | os.PathLike | None = None,
+        scope: str = "",
     ):
         self.max_requests, self.max_tokens, self.max_cost_usd = max_requests, max_tokens, max_cost_usd
         self.prompt_price_per_1k, self.completion_price_per_1k = prompt_price_per_1k, completion_price_per_1k
-        self.requests = self.prompt_tokens = self.completion_tokens = 0
+        self.ledger = Path(ledger) if ledger is not None else None
+        self.scope = scope
+        self._state: dict = {"total": dict(_NO_SPEND), "scopes": {}}
         self._lock = threading.Lock()
 
-    @property
-    def cost_usd(self) -> float:
+    @contextlib.contextmanager
+    def _spend(self):
+        """The spend counts, to read and change; with a ledger, locked against other processes and saved on exit."""
+        with self._lock:
+            if self.ledger is None:
+                yield self._state
+                return
+            import fcntl
+
+            self.ledger.parent.mkdir(parents=True, exist_ok=True)
+            with open(self.ledger.with_name(self.ledger.name + ".lock"), "a") as lock:
+                fcntl.flock(lock, fcntl.LOCK_EX)
+                try:
+                    text = self.ledger.read_text() if self.ledger.exists() else ""
+                    state = json.loads(text) if text else {"total": dict(_NO_SPEND), "scopes": {}}
+                    yield state
+                    if json.dumps(state) != text:
+                        tmp = self.ledger.with_name(f".{self.ledger.name}.{os.getpid()}.tmp")
+                        tmp.write_text(json.dumps(state))
+                        os.replace(tmp, self.ledger)
+                finally:
+                    fcntl.flock(lock, fcntl.LOCK_UN)
+
+    def _cost(self, counts: dict) -> float:
         return (
-            self.prompt_tokens * self.prompt_price_per_1k + self.completion_tokens * self.completion_price_per_1k
+            counts["prompt_tokens"] * self.prompt_price_per_1k
+            + counts["completion_tokens"] * self.completion_price_per_1k
         ) / 1000
+
+    def _add(self, state: dict, **amounts: int) -> None:
+        for counts in (state["total"], state["scopes"].setdefault(self.scope, dict(_NO_SPEND))):
+            for key, value in amounts.items():
+                counts[key] += int(value)
 
     def reserve(self) -> None:
         """Count one request, or raise :class:`BudgetExceeded` if any limit is reached."""
-        with self._lock:
-            if self.max_requests is not None and self.requests >= self.max_requests:
-                raise BudgetExceeded(f"request budget spent ({self.requests}/{self.max_requests})")
-            tokens = self.prompt_tokens + self.completion_tokens
+        with self._spend() as state:
+            total = state["total"]
+            if self.max_requests is not None and total["requests"] >= self.max_requests:
+                raise BudgetExceeded(f"request budget spent ({total['requests']}/{self.max_requests})")
+            tokens = total["prompt_tokens"] + total["completion_tokens"]
             if self.max_tokens is not None and tokens >= self.max_tokens:
                 raise BudgetExceeded(f"token budget spent ({tokens}/{self.max_tokens})")
-            if self.max_cost_usd is not None and self.cost_usd >= self.max_cost_usd:
-                raise BudgetExceeded(f"cost budget spent (${self.cost_usd:.4f}/${self.max_cost_usd})")
-            self.requests += 1
+            cost = self._cost(total)
+            if self.max_cost_usd is not None and cost >= self.max_cost_usd:
+                raise BudgetExceeded(f"cost budget spent (${cost:.4f}/${self.max_cost_usd})")
+            self._add(state, requests=1)
 
     def record(self, prompt_tokens: int, completion_tokens: int) -> None:
-        with self._lock:
-            self.prompt_tokens += int(prompt_tokens)
-            self.completion_tokens += int(completion_tokens)
+        with self._spend() as state:
+            self._add(state, prompt_tokens=prompt_tokens, completion_tokens=completion_tokens)
 
     def snapshot(self) -> dict:
-        with self._lock:
-            return {
-                "requests": self.requests,
-                "prompt_tokens": self.prompt_tokens,
-                "completion_tokens": self.completion_tokens,
-                "cost_usd": round(self.cost_usd, 6),
-            }
+        """What this scope (stage) has spent in the run."""
+        with self._spend() as state:
+            counts = dict(state["scopes"].get(self.scope, _NO_SPEND))
+        return {**counts, "cost_usd": round(self._cost(counts), 6)}
 
 
 def image_to_data_url(image: Image.Image) -> str:
@@ -209,7 +260,7 @@ class OpenAIChatClient:
         }
         if json_mode:
             body["response_format"] = {"type": "json_object"}
-        last = "no attempt made"
+        last, transient = "no attempt made", False
         for attempt in range(self.max_retries + 1):
             self.budget.reserve()
             retry_after = None
@@ -217,14 +268,14 @@ class OpenAIChatClient:
                 try:
                     response = self._client.post(self.url, json=body, headers=self._headers())
                 except self._httpx.TimeoutException:
-                    last = f"timeout after {self.timeout_s:g} s"
+                    last, transient = f"timeout after {self.timeout_s:g} s", True
                     response = None
                 except self._httpx.TransportError as err:
-                    last = f"transport error: {type(err).__name__}"
+                    last, transient = f"transport error: {type(err).__name__}", True
                     response = None
             if response is not None:
                 if response.status_code == 429 or response.status_code >= 500:
-                    last = f"HTTP {response.status_code}"
+                    last, transient = f"HTTP {response.status_code}", True
                     retry_after = response.headers.get("retry-after")
                 elif response.status_code >= 400:
                     raise TeacherError(f"HTTP {response.status_code} (not retried): {response.text[:200]}")
@@ -235,7 +286,8 @@ class OpenAIChatClient:
                         if not isinstance(text, str):
                             raise TypeError("message content is not a string")
                     except (ValueError, KeyError, IndexError, TypeError) as err:
-                        last = f"unreadable response body ({type(err).__name__})"
+                        # The server answered, but not in the chat format: a property of the endpoint, not an outage.
+                        last, transient = f"unreadable response body ({type(err).__name__})", False
                     else:
                         usage = payload.get("usage") or {}
                         reply = ChatReply(
@@ -247,7 +299,7 @@ class OpenAIChatClient:
                 self.retries += 1
                 logger.info("teacher request failed (%s); retry %d/%d", last, attempt + 1, self.max_retries)
                 self._sleep(attempt, retry_after)
-        raise TeacherError(f"teacher request failed after {self.max_retries + 1} attempts: {last}")
+        raise TeacherError(f"teacher request failed after {self.max_retries + 1} attempts: {last}", transient=transient)
 
 
 class TransformersChatClient:
@@ -308,6 +360,11 @@ Reply with one JSON object and nothing else, with exactly these fields:
 "rag": {{"needed": true or false, "query": a search string or null}},
 "next_action": "continue" while more steps are needed, "final_answer" once the reasoning is complete.
 Example: {{"thought": "The question is about the sign, so I will read its text.", "operators": ["ocr"], "rag": {{"needed": false, "query": null}}, "next_action": "continue"}}
+Reference answer: {answer}"""
+
+ANSWER_PROMPT = """You are a careful multimodal reasoner. You have reasoned about the image step by step with the help of operators.
+Now answer the question from that reasoning. Reply with the answer only, in the form the question asks for: no JSON, no explanation.
+As during the reasoning, you are shown the reference answer; never say that you were given it.
 Reference answer: {answer}"""
 
 SCENE_GRAPH_PROMPT = """{question}
@@ -428,7 +485,14 @@ class ChatTeacher:
         return self._ask_json(self._dialogue(sample, image, history, operators), parse)
 
     def final_answer(self, sample: dict, image: Image.Image, history: list[dict], operators: list[str]) -> str:
+        """The plain answer after the last step, asked as the RR data asks it (`render_rr`)."""
         messages = self._dialogue(sample, image, history, operators)
+        # The step that said `final_answer` gets no feedback turn (as in RR), so user and assistant keep
+        # alternating; and the JSON-only step instructions would ask for JSON where a bare answer is wanted.
+        if history and history[-1]["next_action"] == "final_answer":
+            messages.pop()
+        # The reference answer stays in view, as in MMAT-1M's generation prompt: the released RR answers follow it.
+        messages[0] = {"role": "system", "content": ANSWER_PROMPT.format(answer=sample["answer"])}
         messages.append({"role": "user", "content": RR_SUMMARIZE + with_style(sample["question"], sample.get("style"))})
         return self.client.chat(messages).text.strip()
 

@@ -8,6 +8,7 @@ a coordinate: [454.0, 301.0, 883.0, 838.0]"). OpenCV's frontal-face cascade ship
 from __future__ import annotations
 
 import os
+import threading
 
 import numpy as np
 from PIL import Image
@@ -54,15 +55,24 @@ class HaarFaceDetector(Operator):
                 "ships the cascades, install `opencv-python-headless<5` or pass a path to the XML file"
             )
         self._cv2 = cv2
-        self._classifier = cv2.CascadeClassifier(path)
-        if self._classifier.empty():
+        self._path = path
+        # `CascadeClassifier.detectMultiScale` keeps scratch buffers in the object, so one instance shared by the
+        # runtime's worker threads mixes boxes of different images; each thread gets its own.
+        self._local = threading.local()
+        if self._classifier().empty():
             raise ValueError(f"OpenCV could not load the cascade at {path}")
         self.scale_factor = scale_factor
         self.min_neighbors = min_neighbors
 
+    def _classifier(self):
+        classifier = getattr(self._local, "classifier", None)
+        if classifier is None:
+            classifier = self._local.classifier = self._cv2.CascadeClassifier(self._path)
+        return classifier
+
     def run(self, image: Image.Image, query: str | None = None) -> tuple[str, dict]:
         gray = np.asarray(image.convert("L"))
-        found = self._classifier.detectMultiScale(
+        found = self._classifier().detectMultiScale(
             gray, scaleFactor=self.scale_factor, minNeighbors=self.min_neighbors, minSize=(12, 12)
         )
         boxes = [[float(x), float(y), float(x + w), float(y + h)] for (x, y, w, h) in np.asarray(found).reshape(-1, 4)]

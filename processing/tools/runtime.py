@@ -147,6 +147,8 @@ def build_runtime(
     web_search_url: str | None = None,
     timeout_s: float = 30.0,
     dense: bool = False,
+    web_search_api_key_env: str | None = None,
+    device: str = "cpu",
 ) -> ToolRuntime:
     """Build a runtime from local back-ends.
 
@@ -160,6 +162,9 @@ def build_runtime(
         timeout_s (`float`, *optional*, defaults to 30.0): per-call limit.
         dense (`bool`, *optional*, defaults to False): index the corpus with FAISS (hashing embeddings)
             instead of BM25.
+        web_search_api_key_env (`str`, *optional*): name of the environment variable holding the search API
+            key; the key is read at request time, so it never sits in a config that gets written to disk.
+        device (`str`, *optional*, defaults to `"cpu"`): torch device of the detection and captioning pipelines.
     """
     from .caption import PipelineCaptioner
     from .detection import OpenVocabDetector
@@ -169,16 +174,16 @@ def build_runtime(
 
     operators: dict[str, Operator] = {}
     if captioner_path:
-        operators["image_caption"] = PipelineCaptioner(captioner_path)
+        operators["image_caption"] = PipelineCaptioner(captioner_path, device=device)
     if detector_path:
-        operators["label_bbox"] = OpenVocabDetector(detector_path)
+        operators["label_bbox"] = OpenVocabDetector(detector_path, device=device)
     if ocr:
         operators["ocr"] = TesseractOCR()
     if face:
         operators["face_detection"] = HaarFaceDetector()
     retrievers: list = []
     if web_search_url:
-        retrievers.append(WebSearchClient(web_search_url, timeout_s=timeout_s))
+        retrievers.append(WebSearchClient(web_search_url, api_key_env=web_search_api_key_env, timeout_s=timeout_s))
     if corpus is not None:
         docs = load_corpus(corpus)
         retrievers.append(DenseRetriever(docs) if dense else BM25Retriever(docs))

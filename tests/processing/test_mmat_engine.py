@@ -9,12 +9,14 @@ import csv
 import json
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
 
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 from PIL import Image
@@ -22,7 +24,7 @@ from PIL import Image
 from processing.mmat import MMATConfig, load_stage, read_records, run_pipeline, run_stage
 from processing.mmat.curate import CurateStage, style_constraint
 from processing.mmat.rationale import RationaleStage, answers_match
-from processing.mmat.reflection import ReflectionStage
+from processing.mmat.reflection import ReflectionStage, is_math_sample
 from processing.mmat.toy_teacher import ToyTeacher, make_toy_vqa
 from processing.tools import Operator, ToolRuntime
 from processing.tools.face import HaarFaceDetector
@@ -128,6 +130,67 @@ def test_curate_reads_common_formats_and_records_bad_rows(tmp_path):
     assert load_stage(config.output_dir, "curate").num_rows == 5
 
 
+def test_inputs_with_the_same_stem_become_distinct_sources(tmp_path):
+    for name in ("textvqa", "geoqa"):
+        (tmp_path / name).mkdir()
+        Image.new("RGB", (8, 8), "red").save(tmp_path / name / "a.png")
+        rows = [{"question_id": i, "image": "a.png", "question": f"{name} q{i}?", "answer": "red"} for i in range(2)]
+        (tmp_path / name / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    train_a, train_b = str(tmp_path / "textvqa" / "train.jsonl"), str(tmp_path / "geoqa" / "train.jsonl")
+    summary = run_stage(CurateStage(cfg(tmp_path, inputs=[train_a, train_b])))
+    assert summary["counts"]["ok"] == 4 and summary["counts"]["failed"] == 0
+    assert summary["counts"]["source/textvqa/train"] == 2 and summary["counts"]["source/geoqa/train"] == 2
+    rows = {r["id"]: r for r in read_records(tmp_path / "out", "curate")}
+    assert rows["geoqa/train/1"]["question"] == "geoqa q1?"
+    assert is_math_sample(rows["geoqa/train/1"], ["geoqa"]) and not is_math_sample(rows["textvqa/train/1"], ["geoqa"])
+    # An explicit `name=path` names the source; inputs that still share one are refused.
+    named = run_stage(CurateStage(cfg(tmp_path, output_dir=str(tmp_path / "named"), inputs=[f"text={train_a}"])))
+    assert named["counts"]["source/text"] == 2
+    for inputs in ([train_a, train_a], [f"x={train_a}", f"x={train_b}"]):
+        with pytest.raises(ValueError, match="map to the source .* name them apart with `name=path`"):
+            run_stage(CurateStage(cfg(tmp_path, output_dir=str(tmp_path / "clash"), inputs=inputs)))
+
+
+def test_non_object_rows_and_dataset_dict_folders(tmp_path):
+    import datasets
+
+    Image.new("RGB", (8, 8), "red").save(tmp_path / "a.png")
+    good = {"id": 1, "image": "a.png", "question": "q?", "answer": "a"}
+    jsonl = tmp_path / "mixed.jsonl"
+    jsonl.write_text(json.dumps(good) + "\nnull\n\n[1, 2]\n\"text\"\n")
+    splits = {"train": [good], "test": [{**good, "question": "other?"}]}
+    datasets.DatasetDict({k: datasets.Dataset.from_list(v) for k, v in splits.items()}).save_to_disk(tmp_path / "hf")
+    config = cfg(tmp_path, inputs=[str(jsonl), str(tmp_path / "hf")], image_root=str(tmp_path))
+    summary = run_stage(CurateStage(config))
+    assert summary["counts"]["ok"] == 3 and summary["counts"]["failed/not_an_object"] == 3
+    fails = failures(config.output_dir, "curate")
+    assert fails["mixed/#1"]["detail"] == f"{jsonl}:2: expected a JSON object, got NoneType"
+    assert fails["mixed/#2"]["detail"] == f"{jsonl}:4: expected a JSON object, got list"
+    rows = {r["id"]: r for r in read_records(config.output_dir, "curate")}
+    assert rows["hf/test/1"]["question"] == "other?" and rows["hf/train/1"]["source"] == "hf/train"
+
+
+def test_embedded_images_of_similar_ids_do_not_overwrite_each_other(tmp_path):
+    import io
+
+    def png(colour):
+        buffer = io.BytesIO()
+        Image.new("RGB", (8, 8), colour).save(buffer, format="PNG")
+        return {"bytes": buffer.getvalue(), "path": None}
+
+    rows = [
+        {"id": "a/b", "image": png("red"), "question": "q?", "answer": "red"},
+        {"id": "a_b", "image": png("blue"), "question": "q?", "answer": "blue"},
+    ]
+    pq.write_table(pa.Table.from_pylist(rows), tmp_path / "emb.parquet")
+    config = cfg(tmp_path, inputs=[str(tmp_path / "emb.parquet")])
+    run_stage(CurateStage(config))
+    images = {r["answer"]: r["image"] for r in read_records(config.output_dir, "curate")}
+    assert images["red"] != images["blue"]
+    assert Image.open(images["red"]).getpixel((0, 0)) == (255, 0, 0)
+    assert Image.open(images["blue"]).getpixel((0, 0)) == (0, 0, 255)
+
+
 def test_style_constraints():
     assert style_constraint("How many?", "3") == "Answer the question using a single word or phrase."
     assert (
@@ -137,6 +200,13 @@ def test_style_constraints():
     assert style_constraint("Explain.", "because the long answer goes on for many many words here") is None
     assert style_constraint("How many? Answer the question using a single word or phrase.", "3") is None
     assert answers_match("The answer is: Two", "2") and not answers_match("3", "2")
+
+
+def test_answer_matching_keeps_scripts_signs_and_option_letters():
+    assert answers_match("上海", "上海。") and not answers_match("上海", "北京")
+    assert not answers_match("-5", "5") and answers_match("The answer is: -5", "-5") and answers_match("5-3", "5 3")
+    assert answers_match("The answer is: A", "A") and not answers_match("A", "B") and answers_match("a cat", "The cat")
+    assert not answers_match("", "") and not answers_match("?!", "...")
 
 
 # ---------------------------------------------------------------- full toy pipeline
@@ -167,6 +237,8 @@ def test_toy_pipeline_end_to_end(tmp_path, toy_source, tiny_owlvit):
         assert ("<SIGNAL>reflection</SIGNAL>" in "".join(steps)) == (reflections[row["id"]] is not None)
         assert rr[-2]["content"].startswith("Based on the above information, please summarize and give the answer")
         assert len(orr) == 3 and "<RAG>" not in orr[1]["content"] and "The search" not in orr[1]["content"]
+        # ORR has no RAG: the thoughts in the assistant turn never quote or announce the retrieval either.
+        assert "retrieved" not in orr[2]["content"] and "look up" not in orr[2]["content"]
         assert re.fullmatch(r"<THOUGHT>.+</THOUGHT><ANSWER>The answer is: .+</ANSWER>", orr[2]["content"], re.S)
         assert all("<image>" not in m["content"] for m in row["rr_messages"] + row["orr_messages"])
     released = [
@@ -235,6 +307,15 @@ def test_reflection_drop_cheating_and_quality_threshold(tmp_path, toy_source):
     assert summary["counts"]["ok"] + summary["counts"]["failed"] == 15
     with pytest.raises(ValueError, match="min_quality filters on the judge's score"):
         MMATConfig(min_quality=0.5)
+    # The same trajectories again, judged: those scored below min_quality are dropped as `low_quality`.
+    shutil.rmtree(Path(config.output_dir) / "reflection")
+    judged = cfg(tmp_path, inputs=[str(toy_source)], face=False, judge=True, min_quality=0.8)
+    summary = run_stage(ReflectionStage(judged))
+    low = {k: v for k, v in failures(judged.output_dir, "reflection").items() if v["reason"] == "low_quality"}
+    assert low and summary["counts"]["failed/low_quality"] == len(low) == 15 - summary["counts"]["ok"]
+    assert all(re.match(r"judge score 0\.[0-7] < 0\.8: ", v["detail"]) for v in low.values())
+    kept = read_records(judged.output_dir, "reflection")
+    assert kept and all(r["judge_score"] >= 0.8 for r in kept)
 
 
 def test_datatrove_executor_local_mode(tmp_path, toy_source):
@@ -245,6 +326,52 @@ def test_datatrove_executor_local_mode(tmp_path, toy_source):
     assert (Path(config.output_dir) / "rationale" / "_datatrove").is_dir()
     ids = [r["id"] for r in read_records(config.output_dir, "integrate")]
     assert len(ids) == len(set(ids)) == 15
+
+
+def test_web_search_key_comes_from_the_environment_and_is_never_written(tmp_path, toy_source, monkeypatch):
+    import http.server
+    import threading
+    import urllib.parse
+
+    keys = []
+
+    class Search(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):  # noqa: N802 - http.server API
+            keys.append(urllib.parse.parse_qs(urllib.parse.urlparse(self.path).query).get("api_key"))
+            payload = json.dumps({"results": [{"title": "Shapes", "text": "A square has four sides."}]}).encode()
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(payload)))
+            self.end_headers()
+            self.wfile.write(payload)
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Search)
+    threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
+    url = f"http://127.0.0.1:{server.server_address[1]}/search"
+    secret = "sk-search-0123456789"
+    monkeypatch.setenv("MMAT_TEST_SEARCH_KEY", secret)
+    try:
+        config = cfg(
+            tmp_path,
+            inputs=[str(toy_source)],
+            face=False,
+            executor="datatrove",
+            tasks=2,
+            web_search_url=url,
+            web_search_api_key_env="MMAT_TEST_SEARCH_KEY",
+        )
+        summaries = run_pipeline(config, ["curate", "rationale"])
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert summaries["rationale"]["complete"] and keys and all(k == [secret] for k in keys)
+    written = [p for p in Path(config.output_dir).rglob("*") if p.is_file()]
+    assert any(p.name == "executor.json" for p in written)
+    assert not [p for p in written if secret.encode() in p.read_bytes()]
+    with pytest.raises(ValueError, match="web_search_url carries 'api_key'.*web_search_api_key_env"):
+        cfg(tmp_path, web_search_url=f"{url}?api_key={secret}")
 
 
 def test_changed_input_is_refused_on_resume(tmp_path, toy_source):

@@ -177,10 +177,20 @@ def test_orr_inlines_successful_operators_and_never_rag():
         "<|begin_api_invoke|>ocr<|end_api_invoke|><|begin_result_of_api|>ADEDNI<|end_result_of_api|>"
     )
     assert "rag" not in user["content"].lower() and "Adedni: a town" not in user["content"]
+    # Both steps touch retrieval (the first asks for it, the second reads it), so only the reflection is left.
     assert assistant["content"] == (
-        "<THOUGHT>I will read the sign and look up the place. The sign reads CALIFORNIA. Hold on. The sign is CALIFORNIA."
-        "</THOUGHT><ANSWER>The answer is: california</ANSWER>"
+        "<THOUGHT>Hold on. The sign is CALIFORNIA.</THOUGHT><ANSWER>The answer is: california</ANSWER>"
     )
+
+
+def test_orr_thoughts_skip_the_steps_that_ask_for_or_read_retrieval():
+    ocr = {**STEPS[1], "thought": "I read the sign first.", "next_action": "continue", "results": STEPS[0]["results"]}
+    ask = {**STEPS[1], "thought": "I will look up the town.", "rag": {"needed": True, "query": "ADEDNI"}}
+    ask.update(next_action="continue", rag_result={"name": "rag", "ok": True, "text": "1. Adedni: a town."})
+    read = {**STEPS[1], "thought": "The retrieved text says Adedni is a town."}
+    _, user, assistant = render_orr(SAMPLE, [ocr, ask, read], None, "town")
+    assert assistant["content"] == "<THOUGHT>I read the sign first.</THOUGHT><ANSWER>The answer is: town</ANSWER>"
+    assert "Adedni" not in user["content"] + assistant["content"]
 
 
 def test_feedback_without_results():

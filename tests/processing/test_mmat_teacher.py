@@ -26,7 +26,6 @@ from processing.mmat.teachers import (
     ChatTeacher,
     OpenAIChatClient,
     TeacherError,
-    TransformersChatClient,
 )
 from processing.mmat.toy_teacher import make_toy_vqa
 from processing.tools import ToolRuntime
@@ -54,6 +53,7 @@ class State:
         self.in_flight = 0
         self.max_in_flight = 0
         self.bodies: list[dict] = []
+        self.outage = True  # the "recovering" model answers 503 after its first three requests while this holds
 
 
 def _reply(handler, status, body, headers=None):
@@ -89,7 +89,7 @@ def make_handler(state: State):
                 last_text = last if isinstance(last, str) else " ".join(p.get("text", "") for p in last)
                 if model == "flaky-429" and n <= 2:
                     return _reply(self, 429, {"error": "slow down"}, {"Retry-After": "0"})
-                if model == "down":
+                if model == "down" or (model == "recovering" and state.outage and n > 3):
                     return _reply(self, 503, {"error": "unavailable"})
                 if model == "hang":
                     time.sleep(1.5)
@@ -101,7 +101,7 @@ def make_handler(state: State):
                     return _reply(self, 200, _completion("Sure! I think we should use OCR."))
                 if model == "malformed":
                     return _reply(self, 200, _completion('{"thought": "x"}'))
-                if model == "scripted":
+                if model in ("scripted", "recovering"):
                     # A well-behaved teacher: read the text, then conclude; the final answer on request.
                     if last_text.startswith("Based on the above information"):
                         return _reply(self, 200, _completion("cat"))
@@ -161,6 +161,21 @@ def test_step_roundtrip_sends_image_as_data_url(server):
     assert decoded.size == (16, 16)
     assert "Reference answer: cat" in body["messages"][0]["content"]
     assert teacher.usage()["prompt_tokens"] == 100 and teacher.usage()["requests"] == 1
+
+
+def test_final_answer_request_alternates_roles_and_asks_for_the_answer_only(server):
+    url, state = server
+    history = [
+        {**GOOD_STEP, "results": [{"name": "ocr", "ok": True, "text": "CAT"}], "rag_result": None},
+        {**FINAL_STEP, "results": [], "rag_result": None},
+    ]
+    assert ChatTeacher(client(url, "scripted")).final_answer(SAMPLE, IMAGE, history, ["ocr"]) == "cat"
+    messages = state.bodies[-1]["messages"]
+    assert [m["role"] for m in messages] == ["system", "user", "assistant", "user", "assistant", "user"]
+    assert "CAT" in messages[3]["content"] and messages[-1]["content"].startswith("Based on the above information")
+    assert "JSON" not in messages[0]["content"].replace("no JSON", "") and "answer only" in messages[0]["content"]
+    assert messages[0]["content"].endswith("Reference answer: cat")  # in view to the end, as in the paper's prompt
+    assert "response_format" not in state.bodies[-1]
 
 
 def test_429_is_retried_with_backoff(server):
@@ -260,8 +275,53 @@ def test_rationale_stage_with_http_teacher_records_each_failure_kind(server, tmp
     assert json.loads(ok[0]["steps"])[0]["results"][0]["text"] == "CAT"
     assert results["scripted"]["counts"]["operator/ocr"] == 4 and results["scripted"]["cost"]["prompt_tokens"] > 0
     assert results["malformed"]["counts"]["failed/malformed_step"] == 4
-    assert results["down"]["counts"]["failed/teacher_error"] == 4
-    assert results["hang"]["counts"]["failed/teacher_error"] == 4
+    # An unreachable teacher fails no sample for good: all four wait for a rerun and the stage stays open.
+    for model in ("down", "hang"):
+        assert not results[model]["complete"] and results[model]["retry_samples"] == 4
+        assert results[model]["finished_samples"] == 0 and "failed/teacher_error" not in results[model]["counts"]
+    assert not (tmp_path / "down" / "rationale" / "_COMPLETE").exists()
+
+
+def test_teacher_outage_leaves_samples_for_a_rerun_that_retries_only_them(server, tmp_path, capsys):
+    """503s after the first sample: the CLI exits non-zero naming the count; the rerun finishes only the rest."""
+    from processing.mmat.__main__ import main
+
+    url, state = server
+    source = make_toy_vqa(tmp_path / "toy", n_items=4, seed=3)
+    out = tmp_path / "out"
+    run_stage(CurateStage(MMATConfig(inputs=[str(source)], output_dir=str(out), progress=False, shard_size=2)))
+    args = ["rationale", "--inputs", str(source), "--output_dir", str(out), "--progress", "false", "--shard_size", "2"]
+    args += ["--teacher", "openai", "--teacher_base_url", url, "--teacher_model", "recovering"]
+    args += ["--teacher_backoff_s", "0.01", "--teacher_max_retries", "1", "--face", "false", "--ocr", "false"]
+    assert main(args) == 3
+    assert "rationale: 3 samples failed transiently" in capsys.readouterr().err
+    summary = json.loads((out / "rationale" / "summary.json").read_text())
+    assert summary["finished_samples"] == 1 and summary["retry_samples"] == 3 and not summary["complete"]
+    assert not (out / "rationale" / "_COMPLETE").exists()
+    before = state.attempts["recovering"]
+    state.outage = False
+    assert main(args) == 0
+    summary = json.loads((out / "rationale" / "summary.json").read_text())
+    assert summary["complete"] and summary["retry_samples"] == 0 and summary["counts"]["ok"] == 4
+    assert summary["runs"][-1]["processed"] == 3
+    # Three requests per sample (step, step, answer): the first sample is not asked again.
+    assert state.attempts["recovering"] - before == 9
+    assert len(read_records(out, "rationale")) == 4
+
+
+def test_teacher_outage_in_reflection_is_left_for_a_rerun(server, tmp_path):
+    from processing.mmat.reflection import ReflectionStage
+
+    url, state = server
+    source = make_toy_vqa(tmp_path / "toy", n_items=4, seed=3)
+    base = dict(inputs=[str(source)], output_dir=str(tmp_path / "out"), progress=False, teacher="openai")
+    base.update(teacher_base_url=url, teacher_backoff_s=0.01, teacher_max_retries=1)
+    run_stage(CurateStage(MMATConfig(teacher_model="scripted", **base)))
+    stage = RationaleStage(MMATConfig(teacher_model="scripted", **base), runtime=ToolRuntime({"ocr": StubOCR()}))
+    assert run_stage(stage)["complete"]
+    summary = run_stage(ReflectionStage(MMATConfig(teacher_model="down", **base)))
+    assert not summary["complete"] and summary["retry_samples"] == 4 and summary["finished_samples"] == 0
+    assert "failed/teacher_error" not in summary["counts"]
 
 
 def test_budget_exhaustion_stops_run_and_resume_finishes(server, tmp_path):
@@ -285,11 +345,45 @@ def test_budget_exhaustion_stops_run_and_resume_finishes(server, tmp_path):
     assert len(read_records(tmp_path / "out", "rationale")) == 4
 
 
-def test_local_transformers_teacher_runs_and_rejects_noise(tmp_path):
-    teacher = ChatTeacher(
-        TransformersChatClient(build_tiny_vlm(tmp_path / "vlm"), max_new_tokens=8), max_format_retries=1
+def test_budget_caps_the_whole_run_across_stages_and_datatrove_tasks(server, tmp_path):
+    """One ledger per run: 12 requests finish rationale in two processes, reflection may spend only 2 more."""
+    from processing.mmat import run_pipeline
+
+    url, state = server
+    source = make_toy_vqa(tmp_path / "toy", n_items=4, seed=3)
+    config = MMATConfig(
+        inputs=[str(source)],
+        output_dir=str(tmp_path / "out"),
+        progress=False,
+        shard_size=1,
+        teacher="openai",
+        teacher_base_url=url,
+        teacher_model="scripted",
+        face=False,
+        executor="datatrove",
+        tasks=2,
+        workers=2,
+        budget_requests=14,
     )
+    summaries = run_pipeline(config, ["curate", "rationale", "reflection"])
+    assert summaries["rationale"]["complete"] and not summaries["reflection"]["complete"]
+    assert state.attempts["scripted"] == 14
+    assert summaries["rationale"]["cost"]["requests"] == 12 and summaries["reflection"]["cost"]["requests"] == 2
+    assert summaries["rationale"]["cost"]["prompt_tokens"] == 1200
+    (ledger,) = (tmp_path / "out" / "_spend").glob("*.json")
+    assert json.loads(ledger.read_text())["total"]["requests"] == 14
+
+
+def test_local_transformers_teacher_runs_and_rejects_noise(tmp_path):
+    from processing.mmat import build_teacher
+
+    vlm = build_tiny_vlm(tmp_path / "vlm")
+    config = MMATConfig(teacher="transformers", teacher_model=vlm, teacher_max_new_tokens=3, max_format_retries=1)
+    teacher = build_teacher(config)
     with pytest.raises(MalformedReply):
         teacher.step(SAMPLE, IMAGE, [], ["ocr"])
     usage = teacher.usage()
-    assert usage["requests"] == 2 and usage["rejected_replies"] == 2 and usage["completion_tokens"] > 0
+    assert usage["requests"] == 2 and usage["rejected_replies"] == 2 and 0 < usage["completion_tokens"] <= 6
+    # The device setting reaches the model (an unknown device is torch's error, not a silent CPU run).
+    with pytest.raises(RuntimeError, match="nodevice"):
+        build_teacher(MMATConfig(teacher="transformers", teacher_model=vlm, teacher_device="nodevice"))
