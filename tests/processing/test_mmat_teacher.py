@@ -324,18 +324,17 @@ def test_teacher_outage_in_reflection_is_left_for_a_rerun(server, tmp_path):
     assert "failed/teacher_error" not in summary["counts"]
 
 
+def served_run(tmp_path, url, **overrides) -> dict:
+    """Config fields of a run over 4 toy items whose teacher is the loopback server's scripted model."""
+    source = make_toy_vqa(tmp_path / "toy", n_items=4, seed=3)
+    fields = dict(inputs=[str(source)], output_dir=str(tmp_path / "out"), progress=False, teacher="openai",
+                  teacher_base_url=url, teacher_model="scripted")  # fmt: skip
+    return {**fields, **overrides}
+
+
 def test_budget_exhaustion_stops_run_and_resume_finishes(server, tmp_path):
     url, state = server
-    source = make_toy_vqa(tmp_path / "toy", n_items=4, seed=3)
-    base = dict(
-        inputs=[str(source)],
-        output_dir=str(tmp_path / "out"),
-        progress=False,
-        shard_size=2,
-        teacher="openai",
-        teacher_base_url=url,
-        teacher_model="scripted",
-    )
+    base = served_run(tmp_path, url, shard_size=2)
     run_stage(CurateStage(MMATConfig(**base)))
     first = run_stage(RationaleStage(MMATConfig(budget_requests=4, **base), runtime=ToolRuntime({"ocr": StubOCR()})))
     assert not first["complete"] and first["runs"][-1]["budget_exhausted"]
@@ -350,21 +349,8 @@ def test_budget_caps_the_whole_run_across_stages_and_datatrove_tasks(server, tmp
     from processing.mmat import run_pipeline
 
     url, state = server
-    source = make_toy_vqa(tmp_path / "toy", n_items=4, seed=3)
-    config = MMATConfig(
-        inputs=[str(source)],
-        output_dir=str(tmp_path / "out"),
-        progress=False,
-        shard_size=1,
-        teacher="openai",
-        teacher_base_url=url,
-        teacher_model="scripted",
-        face=False,
-        executor="datatrove",
-        tasks=2,
-        workers=2,
-        budget_requests=14,
-    )
+    config = MMATConfig(**served_run(tmp_path, url, shard_size=1, face=False, executor="datatrove", tasks=2, workers=2,
+                                     budget_requests=14))  # fmt: skip
     summaries = run_pipeline(config, ["curate", "rationale", "reflection"])
     assert summaries["rationale"]["complete"] and not summaries["reflection"]["complete"]
     assert state.attempts["scripted"] == 14
