@@ -9,8 +9,9 @@
    ernie5 `triton`, ernie5 `cpu` (sorted PyTorch path, which runs on CUDA through `F.grouped_mm`),
    transformers' `grouped_mm`, `batched_mm` and `eager` on a `Qwen3MoeExperts` holding the same weights, and
    bare `torch.nn.functional.grouped_mm` on pre-sorted rows (the two GEMMs plus SwiGLU, autograd for backward).
-   Forward and forward+backward (dense upstream gradient), CUDA-event timing, median of `--iters`. Two extra rows:
-   ernie5 `triton` with its Triton weight-gradient kernel forced (`auto` may take `F.grouped_mm` there), and ernie5
+   Forward and forward+backward (dense upstream gradient), CUDA-event timing, median of `--iters` rounds (each
+   round times every candidate once, in rotating order). Two extra rows: ernie5 `triton` with its Triton
+   weight-gradient kernel forced (`auto` may take `F.grouped_mm` there), and ernie5
    `triton` / transformers' `grouped_mm` replayed from CUDA graphs, i.e. with the host's share removed.
    Reports TFLOP/s of active expert FLOPs (6·T·k·d·f / 18·T·k·d·f), the fraction of a measured dense bf16
    matmul rate on this GPU, and the speed-of-light fraction max(FLOPs/dense rate, bytes/bandwidth) / time with
@@ -389,6 +390,7 @@ def bench_shape(name, hidden, inter, experts, top_k, tokens, device, measure, it
     candidates = list(fns.items()) + [(k, None) for k in modules]
     if device.type == "cuda":  # the same steps replayed from CUDA graphs: what is left once host overhead is gone
         candidates += [(GRAPHED + k, fns.get(k)) for k in GRAPH_CANDIDATES if k in fns or k in modules]
+    prepared = {}
     for cand, fn in candidates:
         base = cand.removeprefix(GRAPHED)
         if base in modules:
@@ -400,11 +402,11 @@ def bench_shape(name, hidden, inter, experts, top_k, tokens, device, measure, it
             fwd = lambda xx, f=fn, p=params: f(xx, p[0], p[1])  # noqa: E731
         xg = x.clone().requires_grad_()
 
-        def run_fwd():
+        def run_fwd(fwd=fwd):
             with torch.no_grad():
                 fwd(x)
 
-        def run_fwd_bwd():
+        def run_fwd_bwd(fwd=fwd, params=params, xg=xg):
             for p in params:
                 p.grad = None
             xg.grad = None
@@ -413,23 +415,39 @@ def bench_shape(name, hidden, inter, experts, top_k, tokens, device, measure, it
         try:
             if cand.startswith(GRAPHED):
                 run_fwd, run_fwd_bwd = cuda_graphed(run_fwd), cuda_graphed(run_fwd_bwd)
-            tf = measure(run_fwd, iters, warmup)
-            tb = measure(run_fwd_bwd, iters, warmup)
+            measure(run_fwd, 1, warmup)  # compiles, autotunes and warms up; a failure shows here
+            measure(run_fwd_bwd, 1, warmup)
         except Exception as exc:  # a back-end that cannot run this shape is recorded, not fatal
             rows[cand] = {"error": f"{type(exc).__name__}: {exc}"[:300]}
             continue
+        prepared[cand] = (run_fwd, run_fwd_bwd)
+    # Rounds rotate through the candidates, each timed once per round, so clock and thermal drift and any
+    # background work fall on all of them alike (timing each candidate's calls back to back gave two identical
+    # forwards 7-27% apart in one run).
+    names = list(prepared)
+    times = {cand: ([], []) for cand in names}
+    for r in range(iters):
+        for cand in names[r % len(names):] + names[: r % len(names)]:
+            run_fwd, run_fwd_bwd = prepared[cand]
+            times[cand][0].append(measure(run_fwd, 1, 0))
+            times[cand][1].append(measure(run_fwd_bwd, 1, 0))
+    for cand, (fwd_times, fwd_bwd_times) in times.items():
+        tf, tb = statistics.median(fwd_times), statistics.median(fwd_bwd_times)
         rows[cand] = {
             "fwd_ms": tf * 1e3,
+            "fwd_ms_min_max": [min(fwd_times) * 1e3, max(fwd_times) * 1e3],
             "fwd_tflops": flops_f / tf / 1e12,
             "fwd_fraction_of_dense": flops_f / tf / dense,
             "fwd_sol": max(flops_f / dense, bytes_f / bandwidth) / tf,
             "fwd_bwd_ms": tb * 1e3,
+            "fwd_bwd_ms_min_max": [min(fwd_bwd_times) * 1e3, max(fwd_bwd_times) * 1e3],
             "fwd_bwd_tflops": 3 * flops_f / tb / 1e12,
             "fwd_bwd_fraction_of_dense": 3 * flops_f / tb / dense,
             "fwd_bwd_sol": max(3 * flops_f / dense, bytes_fb / bandwidth) / tb,
         }
-        if device.type == "cuda":
-            torch.cuda.empty_cache()
+    del prepared
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
     for cand, r in rows.items():
         # Graph replays are compared with transformers' back-ends replayed the same way, plain runs with plain runs.
         prefix = GRAPHED if cand.startswith(GRAPHED) else ""
