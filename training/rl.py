@@ -18,7 +18,9 @@ per-expert load, switch themselves off, or refuse, for dense models). The arithm
 - **WPSM** scales the advantages of well-learned correct responses (equivalent to Eq. 4's `(1 - M_i)` factor because
   the clipped surrogate is positively homogeneous in the advantage).
 - **AHRL** adds reference-reasoning prefixes to hard prompts before generation (so they are prompt tokens, never
-  trained on); pass@k of the starting model comes from a dataset column or is measured when training starts.
+  trained on); pass@k of the starting model comes from a dataset column or is measured when training starts, from
+  `ahrl_pass_samples` (n >= k, default 4k) samples per prompt with the unbiased estimator. WPSM keys prompts by
+  their unhinted form, so a shrinking hint does not make a new prompt.
 - **U-RB** (`use_urb`): `rl_stabilisers.UnbiasedReplayBuffer` schedules the training rollouts. Every TRL generation
   batch is one iteration group, pre-assigned in dataset order (`shuffle_dataset=False`); the pool holds
   `urb_buffer_size` groups, every tick advances all unfinished pooled rollouts by at most `urb_chunk_tokens` tokens
@@ -30,6 +32,8 @@ per-expert load, switch themselves off, or refuse, for dense models). The arithm
 Old log-probs (pi_train at the rollout weights) are recomputed after every rollout with a no-grad, eval-mode forward
 (with the replayed routing when replay is on), not left to TRL's "ratio is 1 on the first pass" shortcut: the first
 update then sees the real rollout-to-training gap, e.g. the balancing-bias step an ERNIE 5.0 training forward applies.
+TRL's own no-grad forwards run in eval mode as well, so only the forward that makes the gradient counts expert load.
+Every forward added here passes the batch's multimodal inputs (`MULTIMODAL_KEYS`) exactly as TRL's loss forward does.
 
 Logged besides TRL's own metrics: `mismatch/*` (per rollout: |log p_train - log p_rollout| with and without replay and
 the share of (token, layer) pairs routed differently; per update: the same gap and routing disagreement of the forward
@@ -86,6 +90,21 @@ from training.trainer import end_distributed_training, precision_defaults_for_th
 logger = logging.getLogger(__name__)
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+# TRL's token-level clip (0.2); `RLConfig` warns when MISC would apply it to sequence ratios.
+_GRPO_DEFAULT_EPSILON = GRPOConfig.__dataclass_fields__["epsilon"].default
+
+# The multimodal inputs TRL 1.16's `_compute_loss` hands to `_get_per_token_logps_and_entropies`: every forward that
+# scores a completion here passes the same ones, or an image prompt would be scored as text.
+MULTIMODAL_KEYS = (
+    "pixel_values", "image_grid_thw", "num_images", "pixel_attention_mask", "spatial_shapes", "num_tiles",
+    "image_sizes", "token_type_ids", "mm_token_type_ids", "image_position_ids",
+)  # fmt: skip
+
+
+def multimodal_inputs(batch: dict) -> dict[str, Any]:
+    """The multimodal entries of a TRL batch (those present and not None), as keyword arguments of
+    `_get_per_token_logps_and_entropies`."""
+    return {key: batch[key] for key in MULTIMODAL_KEYS if batch.get(key) is not None}
 
 
 @dataclass
@@ -135,7 +154,11 @@ class RLConfig(GRPOConfig):
     ahrl_p_initial, ahrl_gamma (`float`, *optional*, defaults to 0.5 and 0.05):
         Eq. 5's initial fraction and decay rate.
     ahrl_k (`int`, *optional*, defaults to 4):
-        Samples per prompt for measuring the starting model's pass@k.
+        k of the starting model's pass@k.
+    ahrl_pass_samples (`int`, *optional*):
+        n, the samples per prompt from which pass@k is estimated (unbiased estimator); defaults to `4 * ahrl_k`. With
+        n = k the estimate is 0 or 1, and a prompt solved once would never count as hard while one never solved keeps
+        its full hint (Eq. 5 decays only for 0 < pass@k).
     ahrl_max_pass (`float`, *optional*, defaults to 1.0):
         Prompts with a starting pass@k below this are hard.
     ahrl_reference_column, ahrl_pass_column (`str`, *optional*):
@@ -191,6 +214,9 @@ class RLConfig(GRPOConfig):
     ahrl_p_initial: float = field(default=0.5, metadata={"help": "Initial hint fraction p_initial."})
     ahrl_gamma: float = field(default=0.05, metadata={"help": "Hint decay rate gamma."})
     ahrl_k: int = field(default=4, metadata={"help": "k of the starting model's pass@k."})
+    ahrl_pass_samples: int | None = field(
+        default=None, metadata={"help": "Samples per prompt for estimating pass@k (n >= k); defaults to 4 * ahrl_k."}
+    )
     ahrl_max_pass: float = field(default=1.0, metadata={"help": "Prompts with pass@k below this get hints."})
     ahrl_reference_column: str = field(default="reference_reasoning", metadata={"help": "Reference reasoning column."})
     ahrl_pass_column: str = field(default="pass_at_k", metadata={"help": "Precomputed pass@k column (optional)."})
@@ -204,6 +230,7 @@ class RLConfig(GRPOConfig):
     plot: bool = field(default=True, metadata={"help": "Write rl_metrics.json and rl_curves.png at the end."})
 
     def __post_init__(self):
+        epsilon_unset = self.epsilon == _GRPO_DEFAULT_EPSILON and self.epsilon_high is None
         super().__post_init__()
         if self.rollout_dtype is not None and self.rollout_dtype not in _DTYPES:
             raise ValueError(f"rollout_dtype must be one of {sorted(_DTYPES)} or None, got {self.rollout_dtype!r}")
@@ -222,6 +249,14 @@ class RLConfig(GRPOConfig):
                     f"MISC replaces the clipped-ratio loss; loss_type {self.loss_type!r} is not one of grpo, dapo, "
                     "bnpo, dr_grpo"
                 )
+            if epsilon_unset:
+                # The report gives no epsilon, so TRL's stays the default; but the sequence ratio averages the token
+                # log-ratios and moves far less than any one of them, so a token-level band almost never clips it.
+                logger.warning(
+                    "misc=True clips a length-normalised sequence ratio (GSPO), which TRL's token-level epsilon=0.2 "
+                    "almost never clips; GSPO's scale is epsilon=3e-4, epsilon_high=4e-4 (TRL's GSPO recipe). Set "
+                    "epsilon (and epsilon_high) explicitly to choose, and to silence this warning."
+                )
         for name in ("wpsm_tau", "wpsm_alpha"):
             if not 0.0 <= getattr(self, name) <= 1.0:
                 raise ValueError(f"{name} must lie in [0, 1], got {getattr(self, name)}")
@@ -229,6 +264,12 @@ class RLConfig(GRPOConfig):
             raise ValueError(f"ahrl_p_initial must lie in [0, 1], got {self.ahrl_p_initial}")
         if self.ahrl and self.ahrl_k < 1:
             raise ValueError(f"ahrl_k must be >= 1, got {self.ahrl_k}")
+        if self.ahrl_pass_samples is None:
+            self.ahrl_pass_samples = 4 * self.ahrl_k
+        if self.ahrl and self.ahrl_pass_samples < self.ahrl_k:
+            raise ValueError(
+                f"ahrl_pass_samples (n={self.ahrl_pass_samples}) must be >= ahrl_k (k={self.ahrl_k}) to estimate pass@k"
+            )
         if self.use_urb:
             self._check_urb()
 
@@ -754,11 +795,15 @@ class RLTrainer(GRPOTrainer):
             self.measure_pass_at_k()
         return super().train(*args, **kwargs)
 
-    def measure_pass_at_k(self, k: int | None = None, dataset=None) -> dict[str, float]:
+    def measure_pass_at_k(self, k: int | None = None, dataset=None, n: int | None = None) -> dict[str, float]:
         """pass@k of the current (starting) model on every prompt that has a reference reasoning (AHRL's
-        `pass_initial`): k samples per prompt, a sample passes when its summed reward reaches `success_threshold`."""
+        `pass_initial`): n samples per prompt (`ahrl_pass_samples`, default 4k), a sample passes when its summed reward
+        reaches `success_threshold`, and pass@k is the unbiased estimate from the c passes among the n."""
         a = self.rl_args
         k = k or a.ahrl_k
+        n = n or a.ahrl_pass_samples or 4 * k
+        if n < k:
+            raise ValueError(f"pass@{k} needs at least {k} samples per prompt, got n={n}")
         dataset = dataset if dataset is not None else self.train_dataset
         rows, seen = [], set()
         for x in dataset:
@@ -766,21 +811,21 @@ class RLTrainer(GRPOTrainer):
             if x.get(a.ahrl_reference_column) and key not in seen:
                 seen.add(key)
                 rows.append(x)
-        chunk = max(1, self.args.per_device_train_batch_size // k)
+        chunk = max(1, self.args.per_device_train_batch_size // n)
         for start in range(0, len(rows), chunk):
-            inputs = [x for x in rows[start : start + chunk] for _ in range(k)]
+            inputs = [x for x in rows[start : start + chunk] for _ in range(n)]
             prompts = [x["prompt"] for x in inputs]
             prompt_ids, _, _ = self._tokenize_prompts(prompts)
-            completion_ids, _ = self._generate_single_turn(prompt_ids, None, {}, k)
+            completion_ids, _ = self._generate_single_turn(prompt_ids, None, {}, n)
             texts = self.processing_class.batch_decode(completion_ids, skip_special_tokens=True)
             if not isinstance(prompts[0], str):
                 texts = [[{"role": "assistant", "content": t}] for t in texts]
             completions = texts
             rewards = self._calculate_rewards(inputs, prompts, completions, completion_ids)[: len(inputs)]
             total = (rewards * self.reward_weights.to(rewards.device)).nansum(dim=1)
-            passed = (total >= a.success_threshold).view(-1, k).sum(1).tolist()
+            passed = (total >= a.success_threshold).view(-1, n).sum(1).tolist()
             for x, c in zip(rows[start : start + chunk], passed):
-                self.ahrl_pass_at_k[prompt_key(x, a.prompt_id_column)] = pass_at_k(k, int(c), k)
+                self.ahrl_pass_at_k[prompt_key(x, a.prompt_id_column)] = pass_at_k(n, int(c), k)
         self._pending_rollout = None
         return dict(self.ahrl_pass_at_k)
 
@@ -790,6 +835,11 @@ class RLTrainer(GRPOTrainer):
         return rewards
 
     def _apply_hints(self, inputs: list[dict]) -> list[dict]:
+        """AHRL: append the first `p_hint` of the reference reasoning to hard prompts (copies; `inputs` is kept).
+
+        Choice: for chat prompts the hint goes at the end of the last (user) message. The report only says the partial
+        think skeleton is part of the prompt (Fig. 7), not in which turn; the user turn leaves TRL's chat template and
+        generation prompt untouched, and the hint is never trained on either way."""
         a = self.rl_args
         out, hinted, fractions = [], 0, []
         for x in inputs:
@@ -817,14 +867,15 @@ class RLTrainer(GRPOTrainer):
         self._metrics["train"]["ahrl/hint_fraction_mean"].append(sum(fractions) / max(len(fractions), 1))
         return out
 
-    def _side_logps(self, ids, attn, logits_to_keep, routing=None, record=False):
-        """No-grad per-token log-probs (and entropies, and the routing chosen) of the current policy, in eval mode."""
+    def _side_logps(self, ids, attn, logits_to_keep, routing=None, record=False, **multimodal):
+        """No-grad per-token log-probs (and entropies, and the routing chosen) of the current policy, in eval mode.
+        `multimodal` holds the batch's image inputs (`multimodal_inputs`), passed on as TRL's loss forward does."""
         recorder = RoutingRecorder(self.accelerator.unwrap_model(self.model)) if record else contextlib.nullcontext()
         with torch.no_grad(), eval_mode(self.model), replay_routing(self.accelerator.unwrap_model(self.model), routing):
             with recorder:
                 logps, entropies, _ = GRPOTrainer._get_per_token_logps_and_entropies(
                     self, self.model, ids, attn, logits_to_keep,
-                    batch_size=self.args.per_device_train_batch_size, compute_entropy=True,
+                    batch_size=self.args.per_device_train_batch_size, compute_entropy=True, **multimodal,
                 )  # fmt: skip
         routed = None
         if record and recorder.calls:
@@ -834,6 +885,7 @@ class RLTrainer(GRPOTrainer):
     def _generate_and_score_completions(self, inputs):
         mode = "train" if self.model.training else "eval"
         a = self.rl_args
+        unhinted = inputs  # WPSM tracks a prompt under one key, however long its hint is at this step
         if a.ahrl and mode == "train":
             inputs = self._apply_hints(inputs)
         output = super()._generate_and_score_completions(inputs)
@@ -848,6 +900,7 @@ class RLTrainer(GRPOTrainer):
         logits_to_keep = completion_ids.shape[1]
         mask = completion_mask if "tool_mask" not in output else completion_mask * output["tool_mask"]
         sampling = output.get("sampling_per_token_logps")
+        multimodal = multimodal_inputs(output)
 
         routing = None
         if rollout is not None and rollout["prefill"] and "tool_mask" not in output:
@@ -864,11 +917,13 @@ class RLTrainer(GRPOTrainer):
         need_side = a.misc or a.wpsm or a.routing_replay or (a.measure_mismatch and sampling is not None)
         if need_side:
             plain_logps, entropies, train_routing = self._side_logps(
-                ids, attn, logits_to_keep, record=routing is not None
+                ids, attn, logits_to_keep, record=routing is not None, **multimodal
             )
             old = plain_logps
             if routing is not None and (a.routing_replay or a.measure_mismatch):
-                replay_logps, replay_entropies, _ = self._side_logps(ids, attn, logits_to_keep, routing=routing)
+                replay_logps, replay_entropies, _ = self._side_logps(
+                    ids, attn, logits_to_keep, routing=routing, **multimodal
+                )
                 if a.routing_replay:
                     old, entropies = replay_logps, replay_entropies
             output["old_per_token_logps"] = old
@@ -885,7 +940,7 @@ class RLTrainer(GRPOTrainer):
                         routing_disagreement(routing, train_routing, valid.cpu(), num_experts)
                     )
             if a.wpsm:
-                self._apply_wpsm(inputs, output, entropies, mask)
+                self._apply_wpsm(unhinted, output, entropies, mask)
         return output
 
     def _log_mismatch(self, train_logps, sampling_logps, mask, prefix: str):
@@ -922,7 +977,12 @@ class RLTrainer(GRPOTrainer):
 
     def _get_per_token_logps_and_entropies(self, model, *args, **kwargs):
         unwrapped = self.accelerator.unwrap_model(model)
-        with replay_routing(unwrapped, self._replay), self._count_load(unwrapped):
+        # Only the forward that makes the gradient may count expert load. TRL's own no-grad forwards (old log-probs
+        # when generation and optimiser steps are misaligned, e.g. num_iterations > 1; the reference through a
+        # disabled adapter) run with the policy in train mode, so without this their tokens would move the balancing
+        # bias at the next training forward.
+        mode = contextlib.nullcontext() if torch.is_grad_enabled() else eval_mode(model)
+        with mode, replay_routing(unwrapped, self._replay), self._count_load(unwrapped):
             result = super()._get_per_token_logps_and_entropies(model, *args, **kwargs)
         if self._load_counts is not None:  # inside the loss: keep the training log-probs for the mismatch metric
             self._loss_logps = result[0].detach()
@@ -1016,7 +1076,7 @@ class RLTrainer(GRPOTrainer):
         attn = torch.cat([prompt_mask, completion_mask], dim=1)
         mask = completion_mask if "tool_mask" not in inputs else completion_mask * inputs["tool_mask"]
         logps, entropies, _ = self._get_per_token_logps_and_entropies(
-            model, ids, attn, completion_ids.shape[1], compute_entropy=True
+            model, ids, attn, completion_ids.shape[1], compute_entropy=True, **multimodal_inputs(inputs)
         )
         old = inputs.get("old_per_token_logps")
         old = logps.detach() if old is None else old

@@ -59,14 +59,19 @@ def icepop_token_mask(
         weight_by_ratio (`bool`, *optional*, defaults to `True`): IcePop's `M(k) = k` inside the band (truncated
             importance weight); `False` keeps a plain 0/1 mask.
 
+    A NaN rollout log-prob (TRL 1.16 writes one for a token vLLM could not score) gets ratio 1, as in TRL's own
+    importance-sampling correction: the token is kept, with weight 1, rather than dropped for a value nobody measured.
+
     Returns:
         `(weights, kept)`: float weights (B, T), zero outside the band and on padding, and the bool kept mask.
     """
     if not 0.0 <= alpha <= 1.0 <= beta:
         raise ValueError(f"IcePop band must satisfy 0 <= alpha <= 1 <= beta, got alpha={alpha}, beta={beta}")
-    ratio = torch.exp((train_logps - rollout_logps).float())
+    log_ratio = (train_logps - rollout_logps).float()
+    ratio = torch.exp(torch.where(torch.isnan(log_ratio), torch.zeros_like(log_ratio), log_ratio))
     kept = (ratio >= alpha) & (ratio <= beta) & mask.bool()
-    weights = (ratio if weight_by_ratio else torch.ones_like(ratio)) * kept
+    # `where`, not a product with `kept`: a dropped token's ratio may be inf (or NaN in padding), and inf * 0 is NaN.
+    weights = torch.where(kept, ratio if weight_by_ratio else torch.ones_like(ratio), torch.zeros_like(ratio))
     return weights.detach(), kept
 
 

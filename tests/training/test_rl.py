@@ -6,11 +6,14 @@ trainer also takes a dense causal LM, and that checkpoints are ordinary ERNIE 5.
 """
 
 import json
+import logging
 import os
 from pathlib import Path
 
 import pytest
 import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+from trl import GRPOTrainer
 
 import modeling_ernie5  # noqa: F401
 from modeling_ernie5 import Ernie5ForCausalLM
@@ -26,10 +29,11 @@ from training.rl import (
     main,
     make_parser,
     moe_blocks,
+    prompt_key,
     replay_routing,
     toy_world_dataset,
 )
-from training.rl_stabilisers import UnbiasedReplayBuffer
+from training.rl_stabilisers import UnbiasedReplayBuffer, pass_at_k
 
 from rl_config import rl_config
 
@@ -97,6 +101,106 @@ def test_grpo_with_misc_replay_wpsm_and_a_bf16_rollout(model_dir, tokenizer, dat
     assert (out / "rl_curves.png").stat().st_size > 0
     metrics = json.loads((out / "rl_metrics.json").read_text())
     assert metrics["history"] and len(metrics["expert_load"][0]["share"]) == model.config.num_experts
+
+
+def test_wpsm_and_misc_act_on_the_batch(model_dir, tokenizer, dataset, tmp_path, monkeypatch):
+    """The stabilisers act on the batch, not only log: every response is correct on a solved prompt and confident
+    (tau 0, eta huge), so WPSM halves TRL's advantages; a bf16 rollout against a tight IcePop band masks tokens, which
+    it can only do when MISC receives the rollout log-probs."""
+    seen = {}
+    trl_generate, rl_generate = GRPOTrainer._generate_and_score_completions, RLTrainer._generate_and_score_completions
+
+    def trl_side(self, inputs):
+        output = trl_generate(self, inputs)
+        seen["trl"] = output["advantages"].clone()
+        return output
+
+    def rl_side(self, inputs):
+        output = rl_generate(self, inputs)
+        seen["rl"] = output["advantages"].clone()
+        return output
+
+    monkeypatch.setattr(GRPOTrainer, "_generate_and_score_completions", trl_side)
+    monkeypatch.setattr(RLTrainer, "_generate_and_score_completions", rl_side)
+    args = rl_args(
+        tmp_path, max_steps=1, misc=True, misc_alpha=0.999, misc_beta=1.001, rollout_dtype="bfloat16", wpsm=True,
+        wpsm_tau=0.0, wpsm_eta=1e9, wpsm_alpha=0.5, success_threshold=-1.0, plot=False,
+    )  # fmt: skip
+    trainer = RLTrainer(
+        model=Ernie5ForCausalLM.from_pretrained(model_dir), reward_funcs=[length_reward], args=args,
+        train_dataset=dataset, processing_class=tokenizer,
+    )  # fmt: skip
+    trainer.train()
+    assert seen["trl"].abs().sum() > 0
+    assert torch.allclose(seen["rl"], seen["trl"] * 0.5)
+    assert logged(trainer, "wpsm/flagged_frac") == [1.0]
+    assert logged(trainer, "misc/token_masked_frac")[0] > 0
+
+
+def test_side_forwards_get_the_multimodal_inputs_of_trls_loss_forward(tokenizer, dataset, tmp_path, monkeypatch):
+    """TRL hands a VLM's image inputs (`pixel_values`, `num_images`, `token_type_ids`, ...) to every log-prob forward;
+    the stabilisers' own forwards (old log-probs, WPSM entropies, MISC's loss) must pass the same rows, or an image
+    prompt is scored as text. TRL's batch gets LLaVA-style image inputs (one image per row, row i filled with i)."""
+    trl_generate = GRPOTrainer._generate_and_score_completions
+
+    def with_images(self, inputs):
+        output = trl_generate(self, inputs)
+        rows = output["prompt_ids"].shape[0]
+        width = output["prompt_ids"].shape[1] + output["completion_ids"].shape[1]
+        row_id = torch.arange(rows)
+        output["num_images"] = [1] * rows
+        output["pixel_values"] = row_id.float().view(rows, 1, 1, 1).expand(rows, 3, 2, 2).clone()
+        output["token_type_ids"] = row_id.view(rows, 1).expand(rows, width).clone()
+        return output
+
+    monkeypatch.setattr(GRPOTrainer, "_generate_and_score_completions", with_images)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4,
+        num_key_value_heads=2, pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
+    )  # fmt: skip
+    model = LlamaForCausalLM(config)
+    scored = []
+
+    def record_image_inputs(backbone, args, kwargs):
+        # TRL's fused LM head calls the backbone with use_cache=False (generation keeps its cache) and the image
+        # inputs it was given; this text backbone takes none, so they are recorded and taken out here.
+        if kwargs.get("use_cache") is False:
+            scored.append((kwargs.pop("pixel_values", None), kwargs.pop("token_type_ids", None)))
+        return args, kwargs
+
+    model.model.register_forward_pre_hook(record_image_inputs, with_kwargs=True)
+    args = rl_args(tmp_path, max_steps=1, misc=True, wpsm=True, per_device_train_batch_size=4, plot=False)
+    trainer = RLTrainer(
+        model=model, reward_funcs=[length_reward], args=args, train_dataset=dataset, processing_class=tokenizer
+    )
+    trainer.train()
+    # one no-grad forward for old log-probs and entropies, then MISC's loss forward
+    assert len(scored) == 2
+    for pixel_values, token_type_ids in scored:
+        assert pixel_values is not None and token_type_ids is not None
+        assert torch.equal(pixel_values[:, 0, 0, 0].long(), token_type_ids[:, 0])  # the same rows of both
+
+
+def test_trls_old_logp_forward_does_not_count_expert_load(model_dir, tokenizer, dataset, tmp_path):
+    """With num_iterations=2 TRL computes old log-probs itself, in a no-grad forward of the policy in train mode; an
+    ERNIE 5.0 training-mode forward counts expert load, which the next training forward turns into a bias step. Only
+    the gradient forward may count: after generation (TRL's forward and the trainer's own) nothing is pending."""
+    model = Ernie5ForCausalLM.from_pretrained(model_dir)
+    args = rl_args(tmp_path, misc=True, num_iterations=2, plot=False)
+    assert args.gradient_accumulation_steps % (args.steps_per_generation * args.num_iterations) != 0
+    trainer = RLTrainer(
+        model=model, reward_funcs=[length_reward], args=args, train_dataset=dataset, processing_class=tokenizer
+    )
+    trainer.model.train()
+    routers = list(model.model.routers())
+    for router in routers:
+        router.expert_load.zero_()
+    bias = [router.e_score_correction_bias.clone() for router in routers]
+    output = trainer._generate_and_score_completions([dataset[0]] * 4 + [dataset[1]] * 4)
+    assert "old_per_token_logps" in output
+    assert all(not router.expert_load.any() for router in routers)
+    assert all(torch.equal(router.e_score_correction_bias, b) for router, b in zip(routers, bias))
+    assert trainer.model.training
 
 
 def even_token_reward(completion_ids, **kwargs):
@@ -167,8 +271,6 @@ def test_replay_keeps_rollout_routing_after_the_policy_moves(model_dir):
 
 
 def test_trainer_takes_a_dense_causal_lm(tokenizer, dataset, tmp_path):
-    from transformers import LlamaConfig, LlamaForCausalLM
-
     config = LlamaConfig(
         vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
         num_key_value_heads=2, pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
@@ -209,6 +311,75 @@ def test_ahrl_hints_hard_prompts_and_measures_pass_at_k(model_dir, tokenizer, tm
     assert hinted[0]["prompt"] == rows[0]["prompt"] + hint
     assert [h["prompt"] for h in hinted[1:]] == [r["prompt"] for r in rows[1:]]
     assert rows[0]["prompt"] != hinted[0]["prompt"]  # inputs are not modified in place
+
+
+def every_other_reward(completions, **kwargs):
+    """Alternate fail / pass within a batch: a prompt's n consecutive samples pass exactly n / 2 times."""
+    return [float(i % 2) for i in range(len(completions))]
+
+
+def test_ahrl_measured_pass_at_k_is_fractional_and_hints_decay(model_dir, tokenizer, tmp_path):
+    """pass@k estimated from n = 4k samples (here c = n/2 of them pass): a prompt solved sometimes is hard but not
+    hopeless, and Eq. 5 shortens its hint as steps go by. From n = k samples it would be 1 (never hinted) or 0."""
+    rows = toy_world_dataset(2).to_list()[:2]
+    for row in rows:
+        row["reference_reasoning"] = "Look at the list of shapes, count each colour, then compare the counts. " * 3
+    from datasets import Dataset
+
+    args = rl_args(tmp_path, ahrl=True, ahrl_p_initial=0.8, ahrl_gamma=0.1, ahrl_k=2, plot=False)
+    assert args.ahrl_pass_samples == 8
+    trainer = RLTrainer(
+        model=Ernie5ForCausalLM.from_pretrained(model_dir), reward_funcs=[every_other_reward], args=args,
+        train_dataset=Dataset.from_list(rows), processing_class=tokenizer,
+    )  # fmt: skip
+    measured = trainer.measure_pass_at_k()
+    assert measured == {row["prompt_id"]: pytest.approx(pass_at_k(8, 4, 2)) for row in rows}
+
+    prompt_lengths = []
+    for step in (0, 10, 20):
+        trainer.state.global_step = step
+        hinted = trainer._apply_hints(rows)
+        prompt_lengths.append([len(h["prompt"]) for h in hinted])
+    fractions = trainer._metrics["train"]["ahrl/hint_fraction_mean"]
+    assert trainer._metrics["train"]["ahrl/hinted_frac"][0] == 1.0
+    assert fractions[0] == pytest.approx(0.8) and fractions[0] > fractions[1] > fractions[2] > 0
+    assert all(a > b for a, b in zip(prompt_lengths[0], prompt_lengths[2]))
+
+
+def test_wpsm_tracks_a_prompt_under_its_unhinted_key(model_dir, tokenizer, tmp_path):
+    """Without a prompt id column the WPSM key is the prompt itself; AHRL's hint shrinks from step to step, and the
+    tracker must still see one prompt, not a new one per hint length."""
+    from datasets import Dataset
+
+    rows = [{k: v for k, v in row.items() if k != "prompt_id"} for row in toy_world_dataset(2).to_list()[:2]]
+    for row in rows:
+        row["reference_reasoning"] = "Look at the list of shapes, count each colour, then compare the counts."
+    args = rl_args(tmp_path, ahrl=True, ahrl_p_initial=0.8, ahrl_gamma=0.2, wpsm=True, plot=False)
+    trainer = RLTrainer(
+        model=Ernie5ForCausalLM.from_pretrained(model_dir), reward_funcs=[length_reward], args=args,
+        train_dataset=Dataset.from_list(rows), processing_class=tokenizer,
+    )  # fmt: skip
+    keys = [prompt_key(row) for row in rows]
+    trainer.ahrl_pass_at_k = dict.fromkeys(keys, 0.5)
+    trainer.model.train()
+    for step in (0, 10):
+        trainer.state.global_step = step
+        trainer._generate_and_score_completions([rows[0]] * 4 + [rows[1]] * 4)
+    fractions = trainer._metrics["train"]["ahrl/hint_fraction_mean"]
+    assert fractions[0] > fractions[1] > 0  # the hinted prompts differ between the two steps
+    assert trainer.success_tracker.visits == dict.fromkeys(keys, 2)
+
+
+def test_misc_warns_when_epsilon_is_trls_token_level_default(tmp_path, caplog):
+    with caplog.at_level(logging.WARNING, logger="training.rl"):
+        rl_args(tmp_path, misc=True)
+    assert "epsilon=3e-4, epsilon_high=4e-4" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="training.rl"):
+        rl_args(tmp_path, misc=True, epsilon=3e-4, epsilon_high=4e-4)
+        rl_args(tmp_path, misc=True, epsilon_high=0.28)  # a choice, even with epsilon at TRL's default
+        rl_args(tmp_path)
+    assert "epsilon" not in caplog.text
 
 
 def test_parser_defaults_to_fp32_on_a_cpu_only_machine(monkeypatch):

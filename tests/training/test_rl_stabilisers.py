@@ -52,24 +52,48 @@ def test_misc_value_is_the_gspo_sequence_objective_and_drops_only_mismatched_tok
     old = torch.tensor([[-1.0, -1.0, -1.0], [-2.0, -2.0, -2.0]])
     # row 0: mean log ratio 0.05 -> s = e^0.05 (inside [0.8, 1.2]); row 1: mean 0.3 -> s = e^0.3 > 1.2, clipped (A > 0)
     logps = (old + torch.tensor([[0.1, 0.0, 0.05], [0.3, 0.3, 0.3]])).requires_grad_(True)
-    # token (0, 1) is a train/rollout outlier (k = e^1 > beta = 2); everything else k = 1
-    rollout = old.clone()
-    rollout[0, 1] -= 1.0
+    # k = pi_train / pi_rollout per token, against an asymmetric band [0.5, 3]: 0.4 is dropped and 2.5 kept, while a
+    # reversed ratio (rollout / train) would keep 1 / 0.4 and drop 1 / 2.5; kept tokens weigh k, never 1
+    k = torch.tensor([[1.25, 0.4, 2.5], [1.25, 1.25, 1.25]])
+    rollout = old - k.log()
     mask = torch.ones(2, 3)
     adv = torch.tensor([2.0, 1.0])
-    out = misc_per_token_loss(logps, old, rollout, adv, mask, 0.2, 0.2, alpha=0.5, beta=2.0)
+    out = misc_per_token_loss(logps, old, rollout, adv, mask, 0.2, 0.2, alpha=0.5, beta=3.0)
 
     s0, s1 = math.exp(0.05), math.exp(0.3)
     assert torch.allclose(out.seq_ratio, torch.tensor([[s0], [s1]]))
     assert out.token_kept.tolist() == [[True, False, True], [True, True, True]]
     assert out.seq_clipped.flatten().tolist() == [False, True]
-    expected = torch.tensor([[-s0 * 2.0, 0.0, -s0 * 2.0], [-1.2, -1.2, -1.2]])
+    expected = torch.tensor([[-s0 * 2.0 * 1.25, 0.0, -s0 * 2.0 * 2.5], [-1.2 * 1.25] * 3])
     assert torch.allclose(out.per_token_loss, expected, atol=1e-6)
 
     out.per_token_loss.sum().backward()
-    # kept unclipped tokens: d/dlogp of -s_ij A = -s_i A; the masked token and the clipped sequence get nothing
-    assert torch.allclose(logps.grad[0], torch.tensor([-s0 * 2.0, 0.0, -s0 * 2.0]), atol=1e-6)
+    # kept unclipped tokens: d/dlogp of -k s_ij A = -k s_i A; the masked token and the clipped sequence get nothing
+    assert torch.allclose(logps.grad[0], torch.tensor([-s0 * 2.0 * 1.25, 0.0, -s0 * 2.0 * 2.5]), atol=1e-6)
     assert torch.all(logps.grad[1] == 0)
+
+
+def test_misc_treats_an_unscored_rollout_token_as_ratio_one():
+    """TRL 1.16 stores NaN for a token vLLM could not score; MISC gives it ratio 1 as TRL does (kept, weight 1), so
+    loss and gradient equal those of a rollout that matched the trainer on that token, instead of turning NaN."""
+    old = torch.zeros(2, 3)
+    rollout = torch.tensor([[0.0, float("nan"), 0.1], [0.0, 0.0, float("nan")]])
+    matched = torch.where(torch.isnan(rollout), old, rollout)
+    mask = torch.tensor([[1, 1, 1], [1, 1, 0]])  # also NaN on padding
+    results = []
+    for rollout_logps in (rollout, matched):
+        logps = torch.full((2, 3), 0.01, requires_grad=True)
+        out = misc_per_token_loss(logps, old, rollout_logps, torch.tensor([1.0, -1.0]), mask, 0.2, 0.2, 0.5, 2.0)
+        loss = (out.per_token_loss * mask).sum()
+        loss.backward()
+        results.append((loss.detach(), logps.grad, out.token_kept))
+    (loss, grad, kept), (loss_ref, grad_ref, kept_ref) = results
+    assert torch.isfinite(loss) and torch.isfinite(grad).all()
+    assert torch.equal(loss, loss_ref) and torch.equal(grad, grad_ref) and torch.equal(kept, kept_ref)
+    assert kept[0, 1]
+    impossible_then_unscored = torch.tensor([[float("-inf"), float("nan")]])
+    weights, _ = icepop_token_mask(torch.zeros(1, 2), impossible_then_unscored, torch.ones(1, 2), 0.5, 2.0)
+    assert weights.tolist() == [[0.0, 1.0]]  # an impossible rollout token (k = inf) is dropped, not NaN
 
 
 def test_misc_negative_advantage_uses_the_pessimistic_side():
