@@ -13,10 +13,12 @@ Semantics follow transformers' `ForCausalLMLoss`: labels are shifted inside, -10
 
 from __future__ import annotations
 
+import math
 import threading
 
 import torch
 import torch.nn.functional as F
+from torch.autograd.function import once_differentiable
 
 from .moe import accumulate_dtype
 
@@ -46,7 +48,12 @@ def default_chunk_rows(vocab: int, dtype: torch.dtype) -> int:
 
 
 class LinearCrossEntropyFunction(torch.autograd.Function):
-    """sum over counted rows of -log softmax(h W^T)[label], divided by `divisor`; gradients computed in forward."""
+    """sum over counted rows of -log softmax(h W^T)[label], divided by `divisor`; gradients computed in forward.
+
+    In half precision the gradients are kept without the 1/divisor factor and scaled (with the upstream factor) in
+    fp32 in `backward`: (softmax - onehot) / divisor underflows fp16 for large token counts, and GradScaler's
+    first scale, 65536, is inf in fp16. With no counted token (divisor nan) the loss is nan, as a mean over
+    nothing is in `ForCausalLMLoss`, and the gradients are exactly zero, as they are there."""
 
     @staticmethod
     def forward(ctx, hidden_ND, weight_VD, labels_N, divisor, ignore_index, chunk_rows):
@@ -56,6 +63,11 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
         counted_N = labels_N != ignore_index
         if bool(((labels_N < 0) | (labels_N >= vocab))[counted_N].any()):
             raise ValueError(f"labels must be in [0, {vocab}) or equal ignore_index={ignore_index}")
+        no_tokens = math.isnan(divisor)
+        scale_later = hidden_ND.dtype != acc
+        grad_divisor = 1.0 if scale_later or no_tokens else divisor
+        ctx.backward_divisor = divisor if scale_later and not no_tokens else 1.0
+        ctx.grad_dtypes, ctx.acc = (hidden_ND.dtype, weight_VD.dtype), acc
         chunk_rows = chunk_rows or default_chunk_rows(vocab, acc)
         loss = torch.zeros((), dtype=acc, device=hidden_ND.device)
         grad_h = torch.empty_like(hidden_ND) if need_h else None
@@ -83,8 +95,8 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
                 continue
             # d loss / d logits = (softmax - onehot(label)) / divisor on counted rows, 0 elsewhere.
             counted_R1 = counted_R.to(acc).unsqueeze(1)
-            logits_RV.mul_(counted_R1 / (sum_R * divisor))
-            logits_RV.scatter_add_(1, safe_labels_R, -counted_R1 / divisor)
+            logits_RV.mul_(counted_R1 / (sum_R * grad_divisor))
+            logits_RV.scatter_add_(1, safe_labels_R, -counted_R1 / grad_divisor)
             grad_RV = logits_RV.to(hidden_ND.dtype)
             if need_h:
                 torch.mm(grad_RV, weight_VD, out=grad_h[start:stop])
@@ -93,17 +105,23 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
                     torch.mm(logits_RV.t(), h_RD.to(acc), out=grad_w)
                 else:
                     grad_w.addmm_(logits_RV.t(), h_RD.to(acc))
-        ctx.save_for_backward(grad_h, grad_w.to(weight_VD.dtype) if need_w else None)
+        ctx.save_for_backward(grad_h, grad_w)
         return loss / divisor
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, grad_loss):
         grad_h, grad_w = ctx.saved_tensors
-        # The loss is a scalar: its gradients were computed in forward and only need the upstream factor.
-        if grad_loss.ne(1).item():
-            grad_h = grad_h * grad_loss.to(grad_h.dtype) if grad_h is not None else None
-            grad_w = grad_w * grad_loss.to(grad_w.dtype) if grad_w is not None else None
-        return grad_h, grad_w, None, None, None, None
+        # The loss is a scalar: its gradients were computed in forward and only need the upstream factor (and, in
+        # half precision, the 1/divisor left out there), applied in fp32 before the cast to the inputs' dtypes.
+        factor = grad_loss.to(ctx.acc) / ctx.backward_divisor
+        scale = bool(factor.ne(1).item())
+        grads = []
+        for grad, dtype in zip((grad_h, grad_w), ctx.grad_dtypes):
+            if grad is not None and scale:
+                grad = grad.to(ctx.acc) * factor
+            grads.append(grad.to(dtype) if grad is not None else None)
+        return grads[0], grads[1], None, None, None, None
 
 
 def linear_cross_entropy(
@@ -141,7 +159,7 @@ def linear_cross_entropy(
     if num_items_in_batch is None:
         divisor = (labels_N != ignore_index).sum().item()
         if divisor == 0:
-            # Like a mean over no tokens in torch's cross-entropy: nan, and no gradient signal.
+            # Like a mean over no tokens in torch's cross-entropy: nan (and zero gradients).
             divisor = float("nan")
     else:
         divisor = float(num_items_in_batch.item() if torch.is_tensor(num_items_in_batch) else num_items_in_batch)

@@ -84,6 +84,39 @@ def test_bfloat16_close_to_float32():
         assert rel < 2e-2, f"{name}: relative error {rel:.3g}"
 
 
+def test_float16_gradients_survive_loss_scaling_and_large_token_counts():
+    """fp16 training divides by a large token count and multiplies by GradScaler's 65536: the gradients must match
+    the fp32 reference as well as transformers' own fp16 loss does (dividing before the cast underflowed; 65536 in
+    fp16 is inf)."""
+    h, w, labels = case(batch=1, seq=65, hidden=32, vocab=1000, dtype=torch.float32, seed=4)
+    for items, scale in ((4096, 65536.0), (262144, 32768.0)):
+        want = loss_and_grads(reference(labels, num_items_in_batch=items), h, w, upstream=scale)
+        ours = loss_and_grads(lambda h, w: linear_cross_entropy(h, w, labels, num_items_in_batch=items), h.half(),
+                              w.half(), upstream=scale)  # fmt: skip
+        theirs = loss_and_grads(reference(labels, num_items_in_batch=items), h.half(), w.half(), upstream=scale)
+        for name, g, t, r in zip(("d_hidden", "d_weight"), ours[1:], theirs[1:], want[1:]):
+            assert torch.isfinite(g).all(), name
+            ours_err = ((g.float() - r).norm() / r.norm()).item()
+            theirs_err = ((t.float() - r).norm() / r.norm()).item()
+            assert ours_err <= 2 * theirs_err + 1e-3, f"{name}: {ours_err:.3g} vs transformers' fp16 {theirs_err:.3g}"
+
+
+def test_no_counted_token_gives_a_nan_loss_and_zero_gradients_and_no_double_backward():
+    """A prompt-only micro-batch: nan loss like a mean over nothing, but zero gradients (not nan, which one optimizer
+    step would spread into every weight), as transformers' loss gives. The gradients are computed in forward, so a
+    second-order gradient is refused rather than silently wrong."""
+    h, w, _ = case(dtype=torch.float32)
+    labels = torch.full(h.shape[:2], -100)
+    for dtype in (torch.float32, torch.bfloat16):
+        loss, grad_h, grad_w = loss_and_grads(lambda h, w: linear_cross_entropy(h, w, labels), h.to(dtype), w.to(dtype))
+        assert loss.isnan() and torch.equal(grad_h, torch.zeros_like(grad_h)) and torch.equal(grad_w, torch.zeros_like(grad_w))
+    h2, w2 = h.clone().requires_grad_(), w.clone().requires_grad_()
+    labels = case(dtype=torch.float32)[2]
+    (grad_h,) = torch.autograd.grad(linear_cross_entropy(h2, w2, labels), h2, create_graph=True)
+    with pytest.raises(RuntimeError, match="once_differentiable|does not require grad"):
+        torch.autograd.grad(grad_h.pow(2).sum(), w2)
+
+
 def test_default_chunks_reuse_one_buffer_per_thread(monkeypatch):
     """By default the chunk holds as many rows as fit `CHUNK_BYTES`; its buffer is kept between calls (a fresh
     mapping each step cost page faults) and remade when the vocabulary, dtype or row count no longer fits. Reuse
