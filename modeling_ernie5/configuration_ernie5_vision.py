@@ -140,7 +140,9 @@ class Ernie5VisionConfig(PretrainedConfig):
             weights per scale, which favours the early scales (few tokens) over a per-token mean.
         vision_loss_weight (`float`, *optional*, defaults to 1.0): weight of the (rescaled) vision loss.
         cfg_dropout_prob (`float`, *optional*, defaults to 0.1): probability of dropping the text condition of a
-            generation sample in training, so classifier-free guidance can be used at inference.
+            generation sample in training, so classifier-free guidance can be used at inference. The data pipeline
+            applies it, not the model: such a sample's prompt becomes empty (`<boi>` alone, the unconditional input
+            `generate_image` uses), as `build_generation_batch` in `examples/vision_toy.py` does.
         loss_scale_momentum (`float`, *optional*, defaults to 0.99): momentum of the running loss scales used to
             bring text and vision losses to a common range.
         freeze_tokenizer (`bool`, *optional*, defaults to `True`): keep the visual tokenizer fixed while training
@@ -215,6 +217,14 @@ class Ernie5VisionConfig(PretrainedConfig):
             )
         if not hasattr(self.vit_config, "patch_size"):
             raise ValueError("Ernie5VisionConfig.vit_config must describe a patch-based vision encoder (patch_size)")
+        vit_size = getattr(self.vit_config, "image_size", tok.image_size)
+        if vit_size != tok.image_size:
+            # Both paths read the same pixels (the processor resizes to the tokenizer's size); a ViT built for another
+            # size would interpolate or misplace its position embeddings.
+            raise ValueError(
+                f"vit_config.image_size ({vit_size}) must equal the visual tokenizer's image_size ({tok.image_size}): "
+                "both feature paths read the same pixels"
+            )
         if self.vit_grid != tok.latent_size:
             raise ValueError(
                 f"the ViT patch grid ({self.vit_grid}) must equal the visual tokenizer's latent grid "

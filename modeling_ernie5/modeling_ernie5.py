@@ -405,10 +405,11 @@ class Ernie5Model(Ernie5PreTrainedModel):
 
         past_len = cache.get_seq_length() if cache is not None else 0
         sequence_ids = packed_text_sequences(position_ids, attention_mask, past_len)
-        if position_ids is None and past_len == 0:
+        if past_len == 0 and sequence_ids is None:
             # Image placeholders fix their own (t, h, w) positions and attention blocks; the backbone derives them
-            # here too because TRL's loss and `generate` call it directly.
-            found = image_positions_and_mask(input_ids, attention_mask, self.config, inputs_embeds.dtype)
+            # here too because TRL's loss and `generate` call it directly. The block-causal mask is needed even when
+            # the caller gives positions; only a 4D mask of the caller's replaces it.
+            found = image_positions_and_mask(input_ids, attention_mask, self.config, inputs_embeds.dtype, position_ids)
             if found is not None:
                 position_ids, attention_mask, _ = found
         if position_ids is None:
@@ -704,16 +705,18 @@ class Ernie5ForCausalLM(Ernie5PreTrainedModel, GenerationMixin):
     def _mtp_loss(self, outputs, input_ids, attention_mask, position_ids, labels, elastic_spec, **kwargs):
         """Mean over depths of the loss of predicting token t+d+1 (d = 1..D) at position t."""
         batch, seq = input_ids.shape
-        if position_ids is None:
-            # The same rule as the backbone: image placeholders fix their own positions and attention blocks.
-            found = image_positions_and_mask(input_ids, attention_mask, self.config, outputs.pre_norm_hidden_state.dtype)
+        sequence_ids = packed_text_sequences(position_ids, attention_mask, 0)
+        if sequence_ids is None:
+            # The same rule as the backbone: image placeholders fix their own attention blocks, and their positions
+            # unless the caller gave them.
+            dtype = outputs.pre_norm_hidden_state.dtype
+            found = image_positions_and_mask(input_ids, attention_mask, self.config, dtype, position_ids)
             if found is not None:
                 position_ids, attention_mask, _ = found
         pos = position_ids if position_ids is not None else text_positions(attention_mask, batch, seq, 0, input_ids.device)
         if pos.dim() == 2:
             pos = pos.unsqueeze(0).expand(3, -1, -1)
         cos, sin = self.model.rotary_emb(outputs.pre_norm_hidden_state, pos)
-        sequence_ids = packed_text_sequences(position_ids, attention_mask, 0)
         mask = mask_for_attention(
             self.config._attn_implementation, attention_mask, batch, seq, 0, cos.dtype, input_ids.device, sequence_ids
         )

@@ -46,6 +46,15 @@ from .multimodal_layout import ImageLayout, image_positions_and_mask, layout_pos
 from .rope import image_position_ids
 
 
+def repeat_image_blocks(images: torch.Tensor, counts: list[int], expand_size: int) -> torch.Tensor:
+    """(sum(counts), ...) images of consecutive rows -> each row's block of `counts[r]` images repeated `expand_size`
+    times in place, matching rows repeated with `repeat_interleave`."""
+    if sum(counts) != images.shape[0]:
+        raise ValueError(f"{images.shape[0]} images for {sum(counts)} images' worth of placeholders in the rows")
+    blocks = images.split(counts)
+    return torch.cat([block for block in blocks for _ in range(expand_size)])
+
+
 class Ernie5VisionHead(nn.Module):
     """Per-token bit logits of the scale being generated: a small MLP on the final hidden state."""
 
@@ -139,19 +148,48 @@ class Ernie5ForConditionalGeneration(Ernie5ForCausalLM):
             return position_ids, attention_mask
         if past_len == 0:
             self.rope_deltas = None
-            found = image_positions_and_mask(input_ids, attention_mask, self.config, dtype)
+            found = image_positions_and_mask(input_ids, attention_mask, self.config, dtype, position_ids)
             if found is None:
                 return position_ids, attention_mask
-            positions, mask, self.rope_deltas = found
-            return (positions if position_ids is None else position_ids), mask
+            position_ids, attention_mask, self.rope_deltas = found
+            return position_ids, attention_mask
         if position_ids is None and self.rope_deltas is not None:
             batch, q_len = input_ids.shape
             pos = text_positions(attention_mask, batch, q_len, past_len, input_ids.device)
             position_ids = pos + self.rope_deltas.to(pos.device).view(-1, 1)
         return position_ids, attention_mask
 
+    def _expand_inputs_for_generation(self, expand_size=1, is_encoder_decoder=False, input_ids=None, **model_kwargs):
+        """Repeat every row `expand_size` times (`num_return_sequences`, beams). Image inputs hold one entry per image,
+        not per row, and the model scatters them over the rows in order, so each row's block of images is repeated
+        instead of each image; a row's image count comes from its placeholder runs."""
+        if expand_size == 1 or input_ids is None or self.config.vision_config is None:
+            return super()._expand_inputs_for_generation(expand_size, is_encoder_decoder, input_ids, **model_kwargs)
+        layout = self.layout
+        understanding = ((input_ids == layout.image_token_id).sum(1) // layout.understanding_tokens).tolist()
+        generation = ((input_ids == layout.image_gen_token_id).sum(1) // layout.generation_tokens).tolist()
+        images = {}
+        per_key = {"pixel_values": understanding, "gen_pixel_values": generation, "image_gen_bits": generation}
+        for key, counts in per_key.items():
+            value = model_kwargs.pop(key, None)
+            if value is not None:
+                images[key] = (
+                    repeat_image_blocks(value, counts, expand_size) if isinstance(value, torch.Tensor)
+                    else [repeat_image_blocks(v, counts, expand_size) for v in value]
+                )  # fmt: skip
+        input_ids, model_kwargs = super()._expand_inputs_for_generation(
+            expand_size, is_encoder_decoder, input_ids, **model_kwargs
+        )
+        return input_ids, {**model_kwargs, **images}
+
     def prepare_inputs_for_generation(self, input_ids, **kwargs):
         model_inputs = super().prepare_inputs_for_generation(input_ids, **kwargs)
+        cache = model_inputs.get(CACHE_FIELD)
+        if cache is not None and cache.get_seq_length() > 0:
+            # Images already generated in the context were embedded at prefill, like `pixel_values` (which the
+            # generic code drops): decode steps hold no placeholders to put them in.
+            model_inputs.pop("gen_pixel_values", None)
+            model_inputs.pop("image_gen_bits", None)
         if self.config.vision_config is not None:
             # Positions of image sequences come from the token layout and the kept rope deltas, not from
             # the attention mask's running count that the generic code builds.
@@ -329,8 +367,13 @@ class Ernie5ForConditionalGeneration(Ernie5ForCausalLM):
         temperature: float | Sequence[float] = 1.0,
         generator: torch.Generator | None = None,
         return_bits: bool = False,
+        pixel_values: torch.FloatTensor | None = None,
+        gen_pixel_values: torch.FloatTensor | None = None,
+        position_ids: torch.Tensor | None = None,
     ):
         """Generate one image per prompt by next-scale prediction, decoded to PIL images.
+
+        The processor's output can be passed as is: `model.generate_image(**processor(text=[...], images=[...]))`.
 
         Args:
             input_ids (`torch.LongTensor` of shape `(B, L)`): left-padded prompts, each ending with `<boi>`.
@@ -344,6 +387,12 @@ class Ernie5ForConditionalGeneration(Ernie5ForCausalLM):
                 all scales or one per scale (coarse to fine); 0 takes the likelier bit.
             generator (`torch.Generator`, *optional*): for reproducible sampling.
             return_bits (`bool`, *optional*): also return the per-scale bits.
+            pixel_values (`torch.FloatTensor` of shape `(num_images, 3, H, W)`, *optional*): the images of the
+                prompts' `<image>` placeholders (those of `input_ids`, then of `uncond_input_ids`), in order.
+            gen_pixel_values (`torch.FloatTensor`, *optional*): images generated earlier in the prompts (complete
+                runs of generation placeholders), in order.
+            position_ids (`torch.Tensor`, *optional*): ignored; the positions follow from the ids (accepted so that
+                batches carrying them can be passed as they are).
 
         Returns:
             `list[PIL.Image.Image]` (and the bits when `return_bits`).
@@ -359,6 +408,16 @@ class Ernie5ForConditionalGeneration(Ernie5ForCausalLM):
             attention_mask = torch.ones_like(input_ids)
         if (input_ids[:, -1] != self.config.boi_token_id).any():
             raise ValueError("every prompt must end with the <boi> token (left-pad prompts of different lengths)")
+        if attention_mask.dim() != 2:
+            raise ValueError(
+                f"generate_image takes the (B, L) padding mask, not a mask of shape {tuple(attention_mask.shape)}"
+            )
+        for token, images, name in (
+            (self.config.image_token_id, pixel_values, "pixel_values"),
+            (self.config.image_gen_token_id, gen_pixel_values, "gen_pixel_values"),
+        ):
+            if images is None and bool((input_ids == token).any()):
+                raise ValueError(f"the prompts hold image placeholders (id {token}) but no {name} were given")
         schedule = self.model.vision.scale_schedule
         temperatures = [float(temperature)] * len(schedule) if isinstance(temperature, (int, float)) else list(temperature)
         if len(temperatures) != len(schedule) or min(temperatures) < 0:
@@ -384,7 +443,14 @@ class Ernie5ForConditionalGeneration(Ernie5ForCausalLM):
         cache = DynamicCache(config=self.config)
         positions, blocks, _ = layout_positions_and_blocks(input_ids, attention_mask, self.layout)
         mask = build_block_causal_mask(blocks, attention_mask, dtype)
-        self.model(input_ids=input_ids, attention_mask=mask, position_ids=positions, cache=cache, use_cache=True)
+        images = {}
+        if pixel_values is not None:
+            images["pixel_values"] = pixel_values
+        if gen_pixel_values is not None:
+            images["image_gen_bits"] = self.model.vision.tokenizer.encode(gen_pixel_values)
+        self.model(
+            input_ids=input_ids, attention_mask=mask, position_ids=positions, cache=cache, use_cache=True, **images
+        )
         start = positions.amax(dim=(0, 2)) + 1  # (rows,) image frame index = next text counter
         full = schedule[-1]
         key_mask = attention_mask.bool()
@@ -418,7 +484,12 @@ class Ernie5ForConditionalGeneration(Ernie5ForCausalLM):
         return (images, final_bits) if return_bits else images
 
 
-__all__ = ["Ernie5ConditionalGenerationOutput", "Ernie5ForConditionalGeneration", "Ernie5VisionHead"]
+__all__ = [
+    "Ernie5ConditionalGenerationOutput",
+    "Ernie5ForConditionalGeneration",
+    "Ernie5VisionHead",
+    "repeat_image_blocks",
+]
 
 
 def _register() -> None:

@@ -137,21 +137,39 @@ def layout_positions_and_blocks(
     return positions.to(input_ids.device), blocks.to(input_ids.device), deltas.to(input_ids.device)
 
 
-def image_positions_and_mask(input_ids: torch.Tensor, attention_mask: torch.Tensor | None, config, dtype):
+def image_positions_and_mask(
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    config,
+    dtype: torch.dtype,
+    position_ids: torch.Tensor | None = None,
+):
     """Positions, block-causal mask and rope deltas for a prefill holding image tokens, or None without any.
 
     Shared by the backbone (which TRL and `generate` call directly) and `Ernie5ForConditionalGeneration`, so a
-    sequence gets the same positions and mask whichever entry point it goes through.
+    sequence gets the same positions and mask whichever entry point it goes through. The caller's `position_ids`
+    are kept when given; a caller's 4D mask is kept too, its padding read from the diagonal (a pad token attends
+    nowhere, not even to itself, in the masks `build_block_causal_mask` and the processor make). With both given
+    there is nothing to derive.
     """
     if config.vision_config is None or input_ids is None:
         return None
-    if attention_mask is not None and attention_mask.dim() == 4:
+    four_d = attention_mask is not None and attention_mask.dim() == 4
+    if four_d and (position_ids is not None or attention_mask.shape[-2] != attention_mask.shape[-1]):
         return None
     is_image = (input_ids == config.image_token_id) | (input_ids == config.image_gen_token_id)
     if not bool(is_image.any()):
         return None
-    positions, blocks, deltas = layout_positions_and_blocks(input_ids, attention_mask, ImageLayout.from_config(config))
-    return positions, build_block_causal_mask(blocks, attention_mask, dtype), deltas
+    layout = ImageLayout.from_config(config)
+    if four_d:
+        diagonal = attention_mask[:, 0].diagonal(dim1=-2, dim2=-1)
+        real = diagonal if diagonal.dtype == torch.bool else diagonal > torch.finfo(diagonal.dtype).min / 2
+        positions, _, deltas = layout_positions_and_blocks(input_ids, real, layout)
+        mask = attention_mask
+    else:
+        positions, blocks, deltas = layout_positions_and_blocks(input_ids, attention_mask, layout)
+        mask = build_block_causal_mask(blocks, attention_mask, dtype)
+    return (positions if position_ids is None else position_ids), mask, deltas
 
 
 __all__ = ["ImageLayout", "image_positions_and_mask", "layout_positions_and_blocks"]

@@ -152,7 +152,8 @@ class Ernie5MultiScaleBitQuantizer(nn.Module):
         mags = self.magnitudes()
         total = None
         for k, b in enumerate(bits):
-            q = (b.float() * 2 - 1).permute(0, 3, 1, 2) * mags[k]
+            # In the magnitudes' dtype, so a bf16 / fp16 tokenizer decodes without a dtype clash.
+            q = (b.to(mags.dtype) * 2 - 1).permute(0, 3, 1, 2) * mags[k]
             up = self._up(q)
             total = up if total is None else total + up
         return total
@@ -278,7 +279,8 @@ class Ernie5VisualTokenizer(PreTrainedModel):
     def _latent(self, pixel_values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, bool]:
         self._check_size(pixel_values)
         video, is_image = self._as_video(pixel_values)
-        feats, z = self.encoder(video)
+        # Processors return float32 pixels; a bf16 / fp16 tokenizer takes them in its own dtype.
+        feats, z = self.encoder(video.to(self.encoder.conv_in.conv.weight.dtype))
         return feats, z, is_image
 
     @staticmethod
@@ -325,7 +327,7 @@ class Ernie5VisualTokenizer(PreTrainedModel):
                 raise ValueError(
                     f"scale {k}: expected bits of shape (B, {s}, {s}, {self.config.codebook_bits}), got {tuple(b.shape)}"
                 )
-        z = self.quantizer.bits_to_latent(bits)
+        z = self.quantizer.bits_to_latent(bits).to(self.decoder.conv_in.conv.weight.dtype)
         return self.decoder(z.unsqueeze(2)).squeeze(2).clamp(-1, 1)
 
     def next_scale_inputs(self, bits: list[torch.Tensor]) -> list[torch.Tensor]:

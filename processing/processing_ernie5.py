@@ -9,9 +9,10 @@
 - generation (inference): a final `<|image_gen|>` tag without a target becomes `<|boi|>`, the prompt that
   `Ernie5ForConditionalGeneration.generate_image` continues.
 
-It also returns the Uni-RoPE (t, h, w) `position_ids` (centre-aligned scales, text counter resuming after each
-image) and, on request, the scale-wise block-causal 4D attention mask; both come from the same functions the model
-uses (`modeling_ernie5.multimodal_layout`), so processor and model cannot disagree.
+On request it also returns the scale-wise block-causal 4D attention mask, built by the function the model uses
+(`modeling_ernie5.multimodal_layout`). It returns no `position_ids`: the model derives the Uni-RoPE (t, h, w)
+positions from the token ids at every entry point, as Qwen2-VL does. They are fractional (coarse scales are
+centre-aligned), so as a float tensor in the batch they would be rounded by the usual `batch.to(torch.bfloat16)`.
 """
 
 from __future__ import annotations
@@ -21,15 +22,20 @@ from typing import Any
 import torch
 from transformers import AutoProcessor, BatchFeature, ProcessorMixin
 
-from modeling_ernie5 import Ernie5Config
-from modeling_ernie5.masks import build_block_causal_mask
-from modeling_ernie5.multimodal_layout import ImageLayout, layout_positions_and_blocks
-
 from .image_processing import Ernie5ImageProcessor  # noqa: F401  (registers it with AutoImageProcessor)
 
 from .tokenizer import BOI as BOI_TOKEN
 from .tokenizer import EOI as EOI_TOKEN
 from .tokenizer import IMAGE_GEN_TOKEN, IMAGE_TOKEN
+
+try:
+    from modeling_ernie5 import Ernie5Config
+    from modeling_ernie5.masks import build_block_causal_mask
+    from modeling_ernie5.multimodal_layout import ImageLayout, layout_positions_and_blocks
+except ImportError:
+    # Loaded as remote code from a checkpoint (`trust_remote_code=True`) without the ernie5 packages: this file and
+    # its relative imports are all that was saved. Everything works but the 4D mask, which needs the model's layout.
+    Ernie5Config = None
 
 
 def add_vision_tokens(tokenizer) -> Any:
@@ -62,7 +68,7 @@ class Ernie5Processor(ProcessorMixin):
     >>> processor = Ernie5Processor.from_config(image_processor, tokenizer, model.config)
     >>> batch = processor(text=["<image> How many circles?"], images=[image])
     >>> sorted(batch.keys())
-    ['attention_mask', 'input_ids', 'pixel_values', 'position_ids']
+    ['attention_mask', 'input_ids', 'pixel_values']
     ```
     """
 
@@ -124,13 +130,15 @@ class Ernie5Processor(ProcessorMixin):
 
     @property
     def layout(self) -> ImageLayout:
+        if Ernie5Config is None:
+            raise ImportError("the image layout (and return_4d_attention_mask) needs the modeling_ernie5 package")
         ids = self.vision_token_ids()
         grid = int(round(self.understanding_tokens_per_image**0.5))
         return ImageLayout(ids["image_token_id"], ids["image_gen_token_id"], grid, tuple(self.scale_schedule))
 
     @property
     def model_input_names(self) -> list[str]:
-        return ["input_ids", "attention_mask", "position_ids", "pixel_values", "gen_pixel_values"]
+        return ["input_ids", "attention_mask", "pixel_values", "gen_pixel_values"]
 
     # --- expansion -----------------------------------------------------------------------------------------------
 
@@ -144,7 +152,10 @@ class Ernie5Processor(ProcessorMixin):
             if j < n_gen_targets:
                 out += BOI_TOKEN + IMAGE_GEN_TOKEN * self.generation_tokens_per_image + EOI_TOKEN
             elif j == n_gen_tags - 1 and not piece.strip():
-                out += BOI_TOKEN  # generation prompt: the model continues with the scales
+                # Generation prompt: the model continues with the scales, so `<boi>` must end it (trailing
+                # whitespace is dropped).
+                out += BOI_TOKEN
+                continue
             else:
                 raise ValueError(
                     f"sample {index}: {n_gen_tags} {IMAGE_GEN_TOKEN} tags but {n_gen_targets} target images; only a "
@@ -172,37 +183,60 @@ class Ernie5Processor(ProcessorMixin):
             return_tensors (`str`, *optional*, defaults to `"pt"`).
             padding (`bool` or `str`, *optional*, defaults to `True`): pad (on the tokenizer's side, left by default).
             return_4d_attention_mask (`bool`, *optional*): return the (B, 1, L, L) boolean block-causal mask as
-                `attention_mask` instead of the (B, L) padding mask.
+                `attention_mask` instead of the (B, L) padding mask (with `return_tensors="pt"` only).
+            kwargs: passed to the tokenizer (`truncation`, `max_length`, `add_special_tokens`, which defaults to
+                False here, `return_attention_mask`, ...).
 
         Raises:
-            `ValueError`: tag and image counts differ, an image is unreadable or too small, or a sequence exceeds
-            `max_length`.
+            `ValueError`: tag and image counts differ, an image is unreadable or too small, a sequence exceeds
+            `max_length`, truncation cut through an image, or options that cannot go together.
         """
         if text is None:
             raise ValueError("Ernie5Processor needs text (use an <image> tag for each image)")
+        return_attention_mask = kwargs.pop("return_attention_mask", True)
+        if return_4d_attention_mask and (return_tensors != "pt" or not return_attention_mask):
+            raise ValueError(
+                "return_4d_attention_mask needs return_tensors='pt' and an attention mask to return, got "
+                f"return_tensors={return_tensors!r}, return_attention_mask={return_attention_mask}"
+            )
         texts = [text] if isinstance(text, str) else list(text)
         per_sample_images = _split_per_sample(images, texts, IMAGE_TOKEN, "images")
         per_sample_gen = _split_per_sample(gen_images, texts, IMAGE_GEN_TOKEN, "gen_images", allow_fewer=True)
         expanded = [self.expand_text(t, len(per_sample_gen[i]), i) for i, t in enumerate(texts)]
-        encoded = self.tokenizer(expanded, padding=padding, return_tensors=None, add_special_tokens=False, **kwargs)
+        kwargs.setdefault("add_special_tokens", False)
+        # The padding mask is needed here (length check) whatever the caller wants returned.
+        encoded = self.tokenizer(expanded, padding=padding, return_tensors=None, return_attention_mask=True, **kwargs)
         limit = self.max_length or getattr(self.tokenizer, "model_max_length", None)
-        for i, ids in enumerate(encoded["input_ids"]):
+        ids = self.vision_token_ids()
+        for i, row in enumerate(encoded["input_ids"]):
             n_real = sum(encoded["attention_mask"][i])
             if limit is not None and n_real > limit:
                 raise ValueError(f"sample {i}: {n_real} tokens after image expansion exceed max_length={limit}")
-        data: dict[str, Any] = {"input_ids": encoded["input_ids"], "attention_mask": encoded["attention_mask"]}
+            kept = row.count(ids["image_token_id"]) + row.count(ids["image_gen_token_id"])
+            expected = (
+                len(per_sample_images[i]) * self.understanding_tokens_per_image
+                + len(per_sample_gen[i]) * self.generation_tokens_per_image
+            )
+            if kept != expected:
+                raise ValueError(
+                    f"sample {i}: truncation (truncation={kwargs.get('truncation')!r}, max_length="
+                    f"{kwargs.get('max_length')}) cut through its images: {kept} of {expected} image placeholder "
+                    "tokens left; shorten the text instead or raise max_length"
+                )
+        data: dict[str, Any] = {"input_ids": encoded["input_ids"]}
+        if return_attention_mask:
+            data["attention_mask"] = encoded["attention_mask"]
         flat_images = [im for sample in per_sample_images for im in sample]
         flat_gen = [im for sample in per_sample_gen for im in sample]
+        pixel_tensors = "pt" if return_tensors == "pt" else "np"
         if flat_images:
-            data["pixel_values"] = self.image_processor(flat_images, return_tensors="pt")["pixel_values"]
+            data["pixel_values"] = self.image_processor(flat_images, return_tensors=pixel_tensors)["pixel_values"]
         if flat_gen:
-            data["gen_pixel_values"] = self.image_processor(flat_gen, return_tensors="pt")["pixel_values"]
+            data["gen_pixel_values"] = self.image_processor(flat_gen, return_tensors=pixel_tensors)["pixel_values"]
         batch = BatchFeature(data, tensor_type=return_tensors)
-        if return_tensors == "pt" and (flat_images or flat_gen or any(IMAGE_GEN_TOKEN in t for t in texts)):
-            positions, blocks, _ = layout_positions_and_blocks(batch["input_ids"], batch["attention_mask"], self.layout)
-            batch["position_ids"] = positions
-            if return_4d_attention_mask:
-                batch["attention_mask"] = build_block_causal_mask(blocks, batch["attention_mask"], torch.float32) == 0
+        if return_4d_attention_mask:
+            _, blocks, _ = layout_positions_and_blocks(batch["input_ids"], batch["attention_mask"], self.layout)
+            batch["attention_mask"] = build_block_causal_mask(blocks, batch["attention_mask"], torch.float32) == 0
         return batch
 
     def batch_decode(self, *args, **kwargs):
@@ -238,6 +272,9 @@ def _split_per_sample(images, texts: list[str], tag: str, name: str, allow_fewer
     return per_sample
 
 
-AutoProcessor.register(Ernie5Config, Ernie5Processor, exist_ok=True)
+if Ernie5Config is not None:
+    AutoProcessor.register(Ernie5Config, Ernie5Processor, exist_ok=True)
+# Saved folders carry this code, so `AutoProcessor.from_pretrained(folder, trust_remote_code=True)` works anywhere.
+Ernie5Processor.register_for_auto_class()
 
 __all__ = ["Ernie5Processor", "add_vision_tokens", "BOI_TOKEN", "EOI_TOKEN", "IMAGE_GEN_TOKEN", "IMAGE_TOKEN"]

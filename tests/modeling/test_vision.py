@@ -275,6 +275,55 @@ def test_cached_text_generation_after_an_image_matches_full_forward(model):
     assert model.rope_deltas is not None and int(model.rope_deltas[0]) == 4 - U  # a 4x4 grid advances the counter by 4
 
 
+def test_text_generation_after_a_generated_image_in_the_context(model):
+    """An image generated earlier in the conversation is embedded at prefill; decode steps must not get it again."""
+    ids = torch.tensor([[1, 2, BOI] + [GEN] * G + [EOI, 3]])
+    px = toy_pixels(1)
+    mask = torch.ones_like(ids)
+    out = model.generate(ids, attention_mask=mask, gen_pixel_values=px, max_new_tokens=3, do_sample=False)
+    full = model(out[:, :-1], gen_pixel_values=px).logits
+    assert torch.equal(full[0, ids.shape[1] - 1 :].argmax(-1), out[0, ids.shape[1] :])
+
+
+def test_num_return_sequences_keeps_each_rows_images(model):
+    """Expanded rows (num_return_sequences, beams) must see their own images: pixel_values hold one entry per image
+    and the first sample has two, so repeating per image would hand rows the wrong ones."""
+    image = [BOI] + [IMG] * U + [EOI]
+    first = torch.tensor([[1] + image + image + [2]])
+    second = torch.tensor([[3] + image + [4]])
+    pad = first.shape[1] - second.shape[1]
+    ids = torch.cat([first, torch.cat([torch.full((1, pad), PAD), second], dim=1)])
+    mask = (ids != PAD).long()
+    px = toy_pixels(3)
+    kw = dict(max_new_tokens=1, pad_token_id=PAD, eos_token_id=None, output_logits=True, return_dict_in_generate=True)
+    with torch.no_grad():
+        both = model.generate(
+            ids, attention_mask=mask, pixel_values=px, num_return_sequences=2, do_sample=True, top_k=1, **kw
+        )
+        alone = [
+            model.generate(row, attention_mask=torch.ones_like(row), pixel_values=p, do_sample=False, **kw).logits[0][0]
+            for row, p in ((first, px[:2]), (second, px[2:]))
+        ]
+    for r, ref in enumerate([alone[0], alone[0], alone[1], alone[1]]):
+        torch.testing.assert_close(both.logits[0][r], ref, atol=1e-4, rtol=1e-4)
+
+
+def test_bf16_model_understands_and_generates_images(model):
+    """A model loaded in bf16 takes the processor's float32 pixels (CNN and ViT paths) and decodes its own bits."""
+    import copy
+
+    low = copy.deepcopy(model).to(torch.bfloat16)
+    ids = torch.tensor([[1, 2, BOI] + [IMG] * U + [EOI, 3]])
+    px = toy_pixels(1)  # float32, as the processor returns them
+    assert torch.isfinite(low(ids, pixel_values=px).logits).all()
+    out = low.generate(ids, attention_mask=torch.ones_like(ids), pixel_values=px, max_new_tokens=2, do_sample=False)
+    assert out.shape == (1, ids.shape[1] + 2)
+    gen = torch.tensor([[1, 2, BOI] + [GEN] * G + [EOI]])
+    assert torch.isfinite(low(gen, labels=gen, gen_pixel_values=px).vision_loss)
+    images = low.generate_image(torch.tensor([[1, 2, BOI]]), temperature=0.0)
+    assert images[0].size == (32, 32)
+
+
 def test_generation_training_losses_and_scale_weights(model):
     ids = torch.tensor([[1, 2, BOI] + [GEN] * G + [EOI]])
     model.train()
@@ -298,14 +347,27 @@ def test_generation_training_losses_and_scale_weights(model):
         model.config.vision_config.scale_loss_weights = None
 
 
+def teacher_forced_bits(model, prompts, mask, bits, **images):
+    """The likelier bits the training layout predicts when fed `bits` as the ground truth: what greedy generation
+    must have produced scale by scale, since each scale sees only the coarser ones."""
+    ids = torch.cat([prompts, torch.full((prompts.shape[0], G), GEN)], dim=1)
+    mask = torch.cat([mask, torch.ones(prompts.shape[0], G, dtype=mask.dtype)], dim=1)
+    with torch.no_grad():
+        logits = model(ids, attention_mask=mask, image_gen_bits=bits, **images).vision_logits
+    return (logits > 0).to(torch.uint8).view(prompts.shape[0], G, -1)
+
+
 def test_next_scale_generation_produces_images(model):
     prompts = torch.tensor([[1, 2, 3, BOI], [PAD, PAD, 5, BOI]])
     mask = (prompts != PAD).long()
     images, bits = model.generate_image(prompts, mask, temperature=1.0, generator=torch.Generator().manual_seed(0), return_bits=True)
     assert [im.size for im in images] == [(32, 32)] * 2 and images[0].mode == "RGB"
     assert [tuple(b.shape) for b in bits] == [(2, s, s, 8) for s in (1, 2, 4, 8)]
-    greedy = model.generate_image(prompts, mask, temperature=0.0, guidance_scale=3.0)
-    assert np.array_equal(np.asarray(greedy[0]), np.asarray(model.generate_image(prompts, mask, temperature=0.0, guidance_scale=3.0)[0]))
+    # Greedy generation (cached, scale by scale) agrees with the teacher-forced training forward on every bit.
+    _, greedy = model.generate_image(prompts, mask, temperature=0.0, return_bits=True)
+    flat = torch.cat([b.flatten(1, 2) for b in greedy], dim=1)
+    assert torch.equal(teacher_forced_bits(model, prompts, mask, greedy), flat)
+    assert not torch.equal(flat[0], flat[1])  # the prompt matters
     # Per-scale temperatures: greedy coarse scales and sampled fine ones agree with all-greedy on the coarse bits.
     _, mixed = model.generate_image(
         prompts, mask, temperature=[0.0, 0.0, 1.0, 1.0], generator=torch.Generator().manual_seed(1), return_bits=True
@@ -318,6 +380,34 @@ def test_next_scale_generation_produces_images(model):
         model.generate_image(prompts, mask, temperature=[1.0, 1.0])
 
 
+def test_image_generation_sees_the_prompts_images(model):
+    """A prompt may hold images to edit or follow; they reach the prefill, and the processor's batch (with
+    position_ids from earlier versions) can be passed as is."""
+    prompts = torch.tensor([[1, BOI] + [IMG] * U + [EOI, 2, BOI], [PAD] * (U + 2) + [3, 4, BOI]])
+    batch = {"input_ids": prompts, "attention_mask": (prompts != PAD).long(), "pixel_values": toy_pixels(1)}
+    batch["position_ids"] = layout_positions_and_blocks(prompts, batch["attention_mask"], model.layout)[0]
+    _, bits = model.generate_image(**batch, temperature=0.0, return_bits=True)
+    flat = torch.cat([b.flatten(1, 2) for b in bits], dim=1)
+    forced = teacher_forced_bits(model, prompts, batch["attention_mask"], bits, pixel_values=batch["pixel_values"])
+    assert torch.equal(forced, flat)
+    # An untrained model's bit logits are ~0.01, too faint for the image to move greedy bits; sampled at a matching
+    # temperature from the same random draws, the image changes its own row's bits and only those.
+    sampled = []
+    for seed in (0, 7):
+        images = {**batch, "pixel_values": toy_pixels(1, seed=seed)}
+        generator = torch.Generator().manual_seed(0)
+        _, bits = model.generate_image(**images, temperature=0.01, generator=generator, return_bits=True)
+        sampled.append(torch.cat([b.flatten(1, 2) for b in bits], dim=1))
+    assert not torch.equal(sampled[0][0], sampled[1][0]) and torch.equal(sampled[0][1], sampled[1][1])
+    with pytest.raises(ValueError, match="no pixel_values"):
+        model.generate_image(prompts, batch["attention_mask"])
+    # An image generated earlier in the conversation goes in as its pixels too.
+    earlier = torch.tensor([[1, BOI] + [GEN] * G + [EOI, 2, BOI]])
+    assert model.generate_image(earlier, gen_pixel_values=toy_pixels(1), temperature=0.0)[0].size == (32, 32)
+    with pytest.raises(ValueError, match="no gen_pixel_values"):
+        model.generate_image(earlier)
+
+
 def test_text_only_config_unchanged():
     cfg = Ernie5Config()
     assert cfg.vision_config is None and Ernie5ForCausalLM(cfg).model.vision is None
@@ -327,6 +417,8 @@ def test_text_only_config_unchanged():
         from modeling_ernie5.configuration_ernie5_vision import tiny_vit_config
 
         Ernie5VisionConfig(vit_config=tiny_vit_config(patch_size=8))
+    with pytest.raises(ValueError, match=r"image_size \(64\) must equal the visual tokenizer's image_size \(32\)"):
+        Ernie5VisionConfig(vit_config=tiny_vit_config(image_size=64, patch_size=8))  # same 8x8 grid, other pixels
     with pytest.raises(ValueError, match="scale_schedule"):
         Ernie5VisualTokenizerConfig(scale_schedule=[1, 2, 4])
 

@@ -1,5 +1,8 @@
 """Ernie5Processor / Ernie5ImageProcessor: placeholder expansion, Uni-RoPE positions, masks, errors, save/load."""
 
+import copy
+import io
+
 import numpy as np
 import pytest
 import torch
@@ -55,12 +58,18 @@ def test_generation_expansion_and_prompt(processor):
     assert train["gen_pixel_values"].shape == (1, 3, 32, 32)
     prompt = processor(text=["draw a red circle <|image_gen|>"])
     assert prompt["input_ids"][0, -1].item() == ids["boi_token_id"]
+    for trailing in (" ", "\n", " \n "):  # whitespace after the tag would follow <boi> and break generate_image
+        spaced = processor(text=["draw a red circle <|image_gen|>" + trailing])
+        assert torch.equal(spaced["input_ids"], prompt["input_ids"]), repr(trailing)
     assert ids["image_gen_token_id"] not in prompt["input_ids"][0].tolist()
 
 
 def test_positions_resume_after_image(processor):
+    from modeling_ernie5.multimodal_layout import layout_positions_and_blocks
+
     batch = processor(text=["a <image> b c"], images=[scene_image()])
-    pos = batch["position_ids"][:, 0]
+    assert "position_ids" not in batch  # the model derives them from the ids
+    pos = layout_positions_and_blocks(batch["input_ids"], batch["attention_mask"], processor.layout)[0][:, 0]
     ids = batch["input_ids"][0].tolist()
     img = [i for i, t in enumerate(ids) if t == processor.vision_token_ids()["image_token_id"]]
     p0 = pos[0, img[0]].item()
@@ -69,6 +78,23 @@ def test_positions_resume_after_image(processor):
     eoi = img[-1] + 1
     assert pos[:, eoi].tolist() == [p0 + 4] * 3  # text counter resumes at max + 1
     assert pos[:, eoi + 1].tolist() == [p0 + 5] * 3
+
+
+def test_bf16_cast_batch_keeps_positions(processor, config):
+    """`batch.to(torch.bfloat16)` (the usual way to get bf16 pixels) must not round positions: past 256 bf16 keeps
+    only every other integer, and fractional scale positions sooner."""
+    from modeling_ernie5.modeling_ernie5_vl import Ernie5ForConditionalGeneration
+    from modeling_ernie5.multimodal_layout import layout_positions_and_blocks
+
+    torch.manual_seed(0)
+    model = Ernie5ForConditionalGeneration(config).eval()
+    batch = processor(text=["how many circles " * 120 + "<image> how many"], images=[scene_image()]).to(torch.bfloat16)
+    positions = layout_positions_and_blocks(batch["input_ids"], batch["attention_mask"], processor.layout)[0]
+    assert positions.max() > 300 and batch["input_ids"].dtype == torch.long
+    with torch.no_grad():
+        exact = model(**{**batch, "position_ids": positions}).logits
+        cast = model(**batch).logits
+    torch.testing.assert_close(cast, exact, rtol=0, atol=0)
 
 
 def test_4d_mask_matches_model_rules(processor, config):
@@ -86,6 +112,44 @@ def test_4d_mask_matches_model_rules(processor, config):
     assert torch.allclose(a[real], b[real], atol=1e-5)
 
 
+def test_backbone_and_causal_lm_take_the_processor_batch_as_is(processor, config):
+    """AutoModel / AutoModelForCausalLM given an image batch with the caller's position_ids (as TRL and older
+    processor versions pass them) must still use the block-causal mask, as the multimodal class does."""
+    from modeling_ernie5 import Ernie5ForCausalLM
+    from modeling_ernie5.modeling_ernie5_vl import Ernie5ForConditionalGeneration
+    from modeling_ernie5.multimodal_layout import layout_positions_and_blocks
+
+    def with_positions(batch):
+        positions, _, _ = layout_positions_and_blocks(batch["input_ids"], batch["attention_mask"], processor.layout)
+        batch["position_ids"] = positions
+        return batch
+
+    torch.manual_seed(0)
+    model = Ernie5ForConditionalGeneration(config).eval()
+    texts = ["<image> how many circles", "draw <|image_gen|>"]
+    batch = with_positions(processor(text=texts, images=[scene_image()], gen_images=[scene_image(1)]))
+    real = batch["attention_mask"].bool()
+    with torch.no_grad():
+        bits = model.visual_tokenizer.encode(batch["gen_pixel_values"])
+        ref = model(**batch, output_hidden_states=True).hidden_states[-1]
+        inputs = {k: v for k, v in batch.items() if k != "gen_pixel_values"}
+        hidden = model.model(**inputs, image_gen_bits=bits).last_hidden_state
+    torch.testing.assert_close(hidden[real], ref[real], atol=1e-5, rtol=1e-5)
+    # The causal LM's MTP loss follows the same rule: caller positions, block-causal mask.
+    lm_config = copy.deepcopy(config)
+    lm_config.router_bias_update_rate = 0.0  # both training forwards route alike
+    # Depth 2 attends depth 1's states at the image tokens, which the mask decides (labels there are ignored).
+    lm_config.num_nextn_predict_layers = 2
+    lm = Ernie5ForCausalLM(lm_config).train()
+    texts = ["<image> how many circles", "the <image> circles"]
+    text = with_positions(processor(text=texts, images=[scene_image(), scene_image(2)]))
+    labels = text["input_ids"].masked_fill(text["input_ids"] == config.image_token_id, -100)
+    given = lm(**text, labels=labels)
+    derived = lm(**{k: v for k, v in text.items() if k != "position_ids"}, labels=labels)
+    torch.testing.assert_close(given.lm_loss, derived.lm_loss, rtol=0, atol=0)
+    torch.testing.assert_close(given.mtp_loss, derived.mtp_loss, rtol=0, atol=0)
+
+
 @pytest.mark.parametrize(
     "kwargs, message",
     [
@@ -96,6 +160,7 @@ def test_4d_mask_matches_model_rules(processor, config):
         (dict(text=["<image>"], images=["/nonexistent/picture.png"]), "unreadable"),
         (dict(text=["<image>"], images=[Image.new("RGB", (4, 40))]), "smaller than min_image_size"),
         (dict(text=["<image>"], images=[np.zeros((5, 5, 7))]), "shape"),
+        (dict(text=["<image>"], images=[np.full((16, 16, 3), 300)]), r"integer image values must be in \[0, 255\]"),
     ],
 )
 def test_errors_name_the_problem(processor, kwargs, message):
@@ -115,13 +180,48 @@ def test_image_inputs_of_every_kind(tmp_path, processor):
     image.save(path)
     as_array = np.array(image)
     as_tensor = torch.from_numpy(as_array).permute(2, 0, 1).float() / 255
-    out = processor.image_processor([image, str(path), path.read_bytes(), as_array, as_tensor], return_tensors="pt")
+    # Integers are read by value whatever their dtype (torchvision's read_image gives uint8 CHW tensors), numpy
+    # arrays may be channels-first like tensors, and floats above 1 are taken as [0, 255] with a warning.
+    as_uint8_tensor = torch.from_numpy(as_array).permute(2, 0, 1)
+    others = [as_tensor, as_uint8_tensor, as_array.astype(np.int64), as_array.transpose(2, 0, 1)]
+    with pytest.warns(UserWarning, match=r"\[0, 255\]"):
+        out = processor.image_processor(
+            [image, str(path), path.read_bytes(), as_array, *others, as_array.astype(np.float32)], return_tensors="pt"
+        )
     px = out["pixel_values"]
-    assert px.shape == (5, 3, 32, 32)
-    for i in range(1, 5):
-        assert torch.allclose(px[0], px[i], atol=2 / 255)
+    assert px.shape == (9, 3, 32, 32)
+    for i in range(1, 9):
+        assert torch.allclose(px[0], px[i], atol=2 / 255), i
     round_trip = processor.image_processor.postprocess(px[:1])[0]
     assert round_trip.size == (32, 32)
+
+
+def test_transparency_and_exif_orientation(processor):
+    """Transparent pixels become white (their RGB is often black); photos are turned upright by their EXIF tag."""
+    ip = processor.image_processor
+    clear = Image.new("RGBA", (32, 32), (0, 0, 0, 0))
+    assert torch.equal(ip(clear)["pixel_values"], torch.ones(1, 3, 32, 32))
+    photo = scene_image(4, size=64).crop((0, 0, 64, 40))
+    exif = Image.Exif()
+    exif[0x0112] = 6  # Orientation: stored rotated, display turned 90 degrees clockwise
+    buffer = io.BytesIO()
+    photo.save(buffer, format="JPEG", exif=exif, quality=95)
+    upright = Image.open(io.BytesIO(buffer.getvalue())).transpose(Image.Transpose.ROTATE_270)
+    torch.testing.assert_close(ip(buffer.getvalue())["pixel_values"], ip(upright)["pixel_values"])
+
+
+def test_tokenizer_options_are_honoured_or_refused(processor):
+    args = dict(text=["<image> how many circles are there"], images=[scene_image()])
+    with pytest.raises(ValueError, match="truncation.*cut through its images"):
+        processor(**args, truncation=True, max_length=U)
+    assert processor(**args, add_special_tokens=True)["input_ids"].shape[0] == 1
+    no_mask = processor(**args, return_attention_mask=False)
+    assert "attention_mask" not in no_mask and torch.equal(no_mask["input_ids"], processor(**args)["input_ids"])
+    lists = processor(**args, return_tensors=None)
+    assert isinstance(lists["input_ids"], list) and lists["pixel_values"].shape == (1, 3, 32, 32)
+    for refused in (dict(return_tensors="np"), dict(return_attention_mask=False)):
+        with pytest.raises(ValueError, match="return_4d_attention_mask needs"):
+            processor(**args, return_4d_attention_mask=True, **refused)
 
 
 def test_chat_messages(processor):
@@ -144,6 +244,43 @@ def test_save_and_auto_load(tmp_path, processor, config):
     args = dict(text=["<image> what?"], images=[scene_image()])
     assert torch.equal(loaded(**args)["input_ids"], processor(**args)["input_ids"])
     assert BOI_TOKEN in loaded.tokenizer.get_vocab() and EOI_TOKEN in loaded.tokenizer.get_vocab()
+
+
+def test_remote_code_processor_loads_without_the_packages(tmp_path, processor, without_ernie5_packages):
+    """The processor and image processor save their code with the checkpoint; a process that cannot import the
+    ernie5 packages gets them back from the folder alone, with the same outputs."""
+    import os
+    import subprocess
+    import sys
+    import textwrap
+
+    processor.save_pretrained(tmp_path)
+    image = scene_image()
+    image.save(tmp_path / "probe.png")
+    args = dict(text=["<image> what?", "draw <|image_gen|>"], images=[image])
+    torch.save(dict(processor(**args)), tmp_path / "probe.pt")
+    script = without_ernie5_packages + textwrap.dedent(
+        f"""
+        import torch
+        from PIL import Image
+        from transformers import AutoImageProcessor, AutoProcessor
+        folder = {str(tmp_path)!r}
+        p = AutoProcessor.from_pretrained(folder, trust_remote_code=True)
+        assert type(p).__name__ == "Ernie5Processor" and type(p).__module__.startswith("transformers_modules"), type(p)
+        ip = AutoImageProcessor.from_pretrained(folder, trust_remote_code=True)
+        assert type(ip).__name__ == "Ernie5ImageProcessor", type(ip)
+        out = p(text=["<image> what?", "draw <|image_gen|>"], images=[Image.open(folder + "/probe.png")])
+        ref = torch.load(folder + "/probe.pt", weights_only=True)
+        assert sorted(out.keys()) == sorted(ref.keys()), (out.keys(), ref.keys())
+        assert all(torch.equal(out[k], ref[k]) for k in ref)
+        print("remote ok")
+        """
+    )
+    env = {**os.environ, "PYTHONPATH": ""}
+    result = subprocess.run(
+        [sys.executable, "-c", script], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120
+    )
+    assert result.returncode == 0 and "remote ok" in result.stdout, result.stderr[-3000:]
 
 
 def test_from_config_checks_sizes(processor, config):
