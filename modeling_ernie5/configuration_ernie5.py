@@ -80,7 +80,10 @@ class Ernie5Config(PretrainedConfig):
             Auxiliary-loss-free balancing: a per-expert bias added to the routing scores for the top-k choice
             only, moved by `router_bias_update_rate * sign(load error)` after every training forward.
         router_bias_update_rate (`float`, *optional*, defaults to 1e-4):
-            Step of the correction-bias update (ERNIE 5.0 §3.2: 1e-4 in pre-training, 1e-5 in mid-training).
+            Step of the correction-bias update (ERNIE 5.0 §3.2: 1e-4 in pre-training, 1e-5 in mid-training). The
+            step is taken once per training forward (micro-batch), on the loads summed over data-parallel ranks:
+            with N gradient-accumulation micro-steps per optimizer step, the bias moves up to N steps per optimizer
+            step, so divide the rate by N to keep the paper's per-iteration speed.
         router_aux_loss_coef (`float`, *optional*, defaults to 0.0):
             Weight of the sequence-level balancing loss (DeepSeek-V3 style); 0 disables it.
         router_z_loss_coef (`float`, *optional*, defaults to 0.0):

@@ -148,7 +148,10 @@ def measure_expert_usage(model, calibration_data, spec: ElasticSpec | None = Non
     consistently.
     """
     routers = _moe_routers(model)
-    usage = {path: torch.zeros(r.num_experts, dtype=torch.float64) for path, r in routers.items()}
+    # Assignments and combine weights are summed apart over all batches and joined at the end: joined per batch,
+    # the tie-breaks of many batches could add up to more than an assignment.
+    counts_sum = {path: torch.zeros(r.num_experts, dtype=torch.float64) for path, r in routers.items()}
+    weights_sum = {path: torch.zeros(r.num_experts, dtype=torch.float64) for path, r in routers.items()}
     current_mask: list[torch.Tensor | None] = [None]
 
     def hook_for(path):
@@ -158,11 +161,8 @@ def measure_expert_usage(model, calibration_data, spec: ElasticSpec | None = Non
             if current_mask[0] is not None:
                 valid_TK = valid_TK & current_mask[0].to(idx_TK.device).view(-1, 1)
             idx = idx_TK[valid_TK].cpu()
-            w = w_TK[valid_TK].detach().double().cpu()
-            counts = torch.bincount(idx, minlength=router.num_experts).double()
-            weight = torch.zeros(router.num_experts, dtype=torch.float64).index_add_(0, idx, w)
-            # weights are < 1 per assignment, so the tie-break term never outranks a whole assignment
-            usage[path] += counts + weight / (counts.sum() + 1.0)
+            counts_sum[path] += torch.bincount(idx, minlength=router.num_experts).double()
+            weights_sum[path].index_add_(0, idx, w_TK[valid_TK].detach().double().cpu())
 
         return hook
 
@@ -186,7 +186,8 @@ def measure_expert_usage(model, calibration_data, spec: ElasticSpec | None = Non
         model.train(was_training)
     if n_batches == 0:
         raise ValueError("calibration_data holds no batch")
-    return usage
+    # Each weight is at most 1 per assignment, so weights / (assignments + 1) stays below one assignment in total.
+    return {path: counts + weights_sum[path] / (counts.sum() + 1.0) for path, counts in counts_sum.items()}
 
 
 def _layer_map(config, layers) -> tuple[int, ...]:

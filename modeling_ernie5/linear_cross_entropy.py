@@ -18,9 +18,8 @@ import threading
 
 import torch
 import torch.nn.functional as F
-from torch.autograd.function import once_differentiable
 
-from .moe import accumulate_dtype
+from .moe import accumulate_dtype, refuse_second_order
 
 # Rows per chunk by default: as many as fit a (rows, V) buffer of this size (at least 64). The three matmuls of a
 # chunk lose 20-25% of their rate at 256 rows against 1024 (fp32, 2 CPU threads, V=8192, D=512), while the softmax
@@ -109,8 +108,8 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
         return loss / divisor
 
     @staticmethod
-    @once_differentiable
     def backward(ctx, grad_loss):
+        refuse_second_order("the fused linear cross-entropy", "set config.fused_linear_cross_entropy=False")
         grad_h, grad_w = ctx.saved_tensors
         # The loss is a scalar: its gradients were computed in forward and only need the upstream factor (and, in
         # half precision, the 1/divisor left out there), applied in fp32 before the cast to the inputs' dtypes.

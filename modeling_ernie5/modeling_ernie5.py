@@ -203,6 +203,13 @@ class Ernie5PreTrainedModel(Ernie5ExpertsSwitchMixin, PreTrainedModel):
         "AutoModelForSequenceClassification": "modeling_ernie5.Ernie5ForSequenceClassification",
     }
 
+    @property
+    def _ddp_params_and_buffers_to_ignore(self) -> list[str]:
+        # DistributedDataParallel reads this: with its default `broadcast_buffers=True` it would copy rank 0's pending
+        # expert loads over every rank's before the next forward, whose bias update then all-reduces rank 0's load
+        # `world` times instead of the sum over ranks. The loads are per rank by design.
+        return [name for name, _ in self.named_buffers() if name.endswith("expert_load")]
+
     def save_pretrained(self, save_directory, *args, **kwargs):
         if self._auto_class is not None:  # the code is saved with the weights: map every class it defines
             kept = {k: v for k, v in (self.config.auto_map or {}).items() if not k.startswith("AutoModel")}

@@ -37,6 +37,14 @@ def accumulate_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float32 if dtype in (torch.bfloat16, torch.float16) else dtype
 
 
+def refuse_second_order(what: str, instead: str) -> None:
+    """Called first in a hand-written backward whose gradients carry no graph: under `create_graph=True` (grad mode
+    on inside backward) say so, instead of returning gradients whose second-order terms silently vanish (a
+    gradient penalty added to a loss would then contribute nothing)."""
+    if torch.is_grad_enabled():
+        raise RuntimeError(f"{what} has no second-order gradients (create_graph=True); {instead}")
+
+
 def reference_experts_forward(x_TD, gate_up_EF2D, down_EDF, idx_TK, w_TK):
     """Plain per-expert loop; the numerical truth every other back-end is tested against."""
     num_experts = gate_up_EF2D.shape[0]
@@ -180,12 +188,15 @@ class Ernie5TopKRouter(nn.Module):
         self.register_buffer("expert_load", torch.zeros(config.num_experts, dtype=torch.float32), persistent=False)
 
     def _apply(self, fn, recurse=True):
-        # `.to(bfloat16)` would cast the balancing state too; a 1e-4 bias step vanishes in bf16, so keep it fp32.
+        # `.to(bfloat16)` would cast the balancing state too; a 1e-4 bias step vanishes in bf16, so it stays fp32,
+        # and with the values it had: cast to bf16 and back, 0.5001 would come back as 0.5.
+        before = {name: getattr(self, name) for name in ("e_score_correction_bias", "expert_load")}
         super()._apply(fn, recurse)
-        for name in ("e_score_correction_bias", "expert_load"):
-            buf = getattr(self, name)
-            if buf is not None and buf.is_floating_point() and buf.dtype != torch.float32:
-                setattr(self, name, buf.float())
+        for name, old in before.items():
+            new = getattr(self, name)
+            if new is not None and new.is_floating_point() and new.dtype != torch.float32:
+                kept = old.to(new.device) if old is not None and old.dtype == torch.float32 and not old.is_meta else None
+                setattr(self, name, kept if kept is not None and kept.shape == new.shape else new.float())
         return self
 
     def forward(

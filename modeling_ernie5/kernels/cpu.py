@@ -52,7 +52,7 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 
-from ..moe import accumulate_dtype
+from ..moe import accumulate_dtype, refuse_second_order
 from .routing import ExpertGroups, group_by_expert
 
 _GROUPED_MM_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -237,12 +237,16 @@ _use_count = getattr(torch._C, "_storage_Use_Count", None)  # private; without i
 class _GradBuffer:
     """The memory of the last gradient handed out for one weight (an attribute of that weight, so it lives as long
     as the weight does). Only the storage is held, never a tensor: autograd then still takes the returned gradient
-    as `.grad` without copying it (it copies a gradient tensor that something else references)."""
+    as `.grad` without copying it (it copies a gradient tensor that something else references). Not pickled: a
+    saved weight carries no gradient memory."""
 
     __slots__ = ("storage",)
 
     def __init__(self):
         self.storage = None
+
+    def __reduce__(self):
+        return (_GradBuffer, ())
 
 
 def grad_buffer_slot(weight: torch.Tensor) -> _GradBuffer | None:
@@ -258,12 +262,17 @@ def grad_buffer_slot(weight: torch.Tensor) -> _GradBuffer | None:
 
 def weight_grad_buffer(weight: torch.Tensor, slot: _GradBuffer | None) -> torch.Tensor:
     """An uninitialised contiguous tensor shaped like `weight` for its gradient: on the slot's memory when nothing
-    but the slot refers to it any more (the gradient handed out last time has been dropped), else on new memory."""
+    but the slot refers to it any more (the gradient handed out last time has been dropped), else on new memory.
+
+    The slot takes new memory only when the weight has no `.grad`, i.e. when this gradient becomes `.grad`. Under
+    gradient accumulation (or `zero_grad(set_to_none=False)`) the gradient is added into the existing `.grad` and
+    then dropped, and the slot keeps pointing at `.grad`'s memory, reused once the step's `.grad` is released:
+    holding the added one instead would keep a second full-size buffer alive through every later forward."""
     held = slot.storage if slot is not None else None
     if held is not None and held.nbytes() == weight.numel() * weight.element_size() and _use_count(held._cdata) == 1:
         return weight.new_empty(0).set_(held, 0, weight.shape)
     fresh = torch.empty(weight.shape, dtype=weight.dtype, device=weight.device)
-    if slot is not None:
+    if slot is not None and weight.grad is None:
         slot.storage = fresh.untyped_storage()
     return fresh
 
@@ -415,6 +424,7 @@ class SortedExpertsFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, dout_TD):
+        refuse_second_order("the 'cpu' experts back-end", "use experts_backend='reference'")
         x_TD, gate_up_EF2D, down_EDF, w_TK, h_SF2 = ctx.saved_tensors
         groups, shares, offs, max_rows = ctx.layout
         need_x, need_gu, need_down, _, need_w = ctx.needs_input_grad[:5]

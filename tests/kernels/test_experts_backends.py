@@ -380,6 +380,51 @@ def test_weight_gradient_buffers_are_reused_only_when_nobody_holds_them(monkeypa
         torch.testing.assert_close(g_dn, want[step][1], rtol=0, atol=0)
 
 
+def test_gradient_accumulation_keeps_one_buffer_per_weight_and_saves_none(monkeypatch):
+    """Micro-steps adding into `.grad` (the Trainer's gradient accumulation): the same sums as fresh buffers, the
+    slot points at `.grad`'s own memory (no second full-size buffer kept alive), that memory is reused after the
+    optimizer step releases `.grad`, and a saved weight carries no gradient memory."""
+    import io
+
+    _, gate_up, down, _, _, _ = make_case(24, 32, 16, 4, 2, dtype=torch.float32, seed=0)
+    weights = {reuse: (gate_up.clone().requires_grad_(), down.clone().requires_grad_()) for reuse in (False, True)}
+    sums = {}
+    for reuse, (gu, dn) in weights.items():
+        monkeypatch.setattr(cpu_kernels, "REUSE_GRAD_BUFFERS", reuse)
+        sums[reuse], memory = [], set()
+        for step in range(2):
+            gu.grad = dn.grad = None
+            for micro in range(2):
+                x, _, _, idx, w, upstream = make_case(24, 32, 16, 4, 2, dtype=torch.float32, seed=10 * step + micro)
+                sorted_experts_forward(x, gu, dn, idx, w).backward(upstream)
+            sums[reuse].append(gu.grad.clone())
+            if reuse:
+                assert gu._ernie5_grad_buffer.storage._cdata == gu.grad.untyped_storage()._cdata
+                memory.add(gu.grad.data_ptr())
+        if reuse:
+            assert len(memory) == 1
+    for got, want in zip(sums[True], sums[False]):
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
+    holder = torch.nn.Module()
+    holder.weight = torch.nn.Parameter(weights[True][0].detach().clone())
+    x, _, _, idx, w, upstream = make_case(24, 32, 16, 4, 2, dtype=torch.float32, seed=5)
+    sorted_experts_forward(x, holder.weight, down, idx, w).backward(upstream)
+    holder.weight.grad = None
+    saved = io.BytesIO()
+    torch.save(holder, saved)
+    assert len(saved.getvalue()) < 1.5 * holder.weight.nbytes
+
+
+def test_second_order_gradients_are_refused_not_wrong():
+    """The backward writes into buffers with `out=` matmuls, so it has no graph: `create_graph=True` through it must
+    fail loudly, naming the way out (a gradient penalty would otherwise be silently dropped)."""
+    x, gate_up, down, idx, w, upstream = make_case(13, 16, 16, 4, 2, dtype=torch.float64, routing="sentinel")
+    x = x.clone().requires_grad_()
+    loss = (sorted_experts_forward(x, gate_up.clone().requires_grad_(), down, idx, w) * upstream).sum()
+    with pytest.raises(RuntimeError, match="no second-order gradients.*experts_backend='reference'"):
+        torch.autograd.grad(loss, x, create_graph=True)
+
+
 def test_weight_grad_buffer_is_handed_out_again_only_once_released(monkeypatch):
     monkeypatch.setattr(cpu_kernels, "REUSE_GRAD_BUFFERS", True)
     weight = torch.zeros(3, 8, 4)

@@ -150,3 +150,13 @@ def test_weight_grad_gemm_choice(monkeypatch):
     assert functions.weight_grads_by_grouped_mm(x, gate_up, down)
     with pytest.raises(ValueError, match="aligned"):
         functions.weight_grads_by_grouped_mm(torch.zeros(4, 15), torch.zeros(3, 32, 15), torch.zeros(3, 15, 16))
+
+
+def test_second_order_gradients_are_refused_not_silently_dropped():
+    """The Triton backward returns kernel outputs without a graph; with `create_graph=True` it used to hand back a
+    gradient that silently lacked its second-order terms. It must fail loudly instead."""
+    x, gate_up, down, idx, w, upstream = make_case(13, 16, 16, 4, 2, dtype=torch.float32, routing="sentinel")
+    x = x.clone().requires_grad_()
+    loss = (triton_experts_forward(x, gate_up.clone().requires_grad_(), down, idx, w) * upstream).sum()
+    with pytest.raises(RuntimeError, match="no second-order gradients.*experts_backend='reference'"):
+        torch.autograd.grad(loss, x, create_graph=True)

@@ -188,3 +188,16 @@ def test_cut_model_saves_loads_and_runs_as_remote_code(tmp_path):
     result = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=240)
     assert result.returncode == 0, result.stderr[-3000:]
     assert f"OK {child.config.elastic_source['active_fraction']}" in result.stdout
+
+
+def test_usage_tie_break_stays_below_one_assignment_over_many_batches():
+    """The combine-weight tie-break must never outrank a whole assignment, however many calibration batches there
+    are: the whole part of every usage is the expert's number of assignments (tokens x top-k in total)."""
+    parent = parent_model(num_layers=2)
+    calib = [ids(1, 3, seed=s) for s in range(40)]  # few tokens per batch (3: MTP needs them): large tie-breaks
+    usage = measure_expert_usage(parent, calib)
+    k = parent.config.num_experts_per_tok
+    assert "mtp.0.block.mlp" in usage
+    for path, u in usage.items():
+        assert u.floor().sum() == 40 * 3 * k, path
+        assert (u - u.floor()).sum() < 1, path

@@ -348,13 +348,19 @@ def test_gradients_reach_exactly_the_chosen_experts_and_the_router():
 
 
 def test_router_and_bias_stay_fp32_in_bf16_models(tmp_path):
-    tiny_model().save_pretrained(tmp_path)
+    """The balancing bias keeps fp32 and its values through saving, bf16 loading and `.to(bfloat16)` (a cast to
+    bf16 and back would round 0.5001 to 0.5 and lose every 1e-4 step)."""
+    source = tiny_model()
+    bias = torch.tensor([0.0123456, -0.0031234, 1e-4, 3e-4, 0.5001, -0.2, 0.0, 7e-5])[: source.config.num_experts]
+    source.model.layers[0].mlp.gate.e_score_correction_bias.copy_(bias)
+    source.save_pretrained(tmp_path)
     model = Ernie5ForCausalLM.from_pretrained(tmp_path, dtype=torch.bfloat16).eval()
     router = model.model.layers[0].mlp.gate
     assert router.weight.dtype == torch.float32
-    assert router.e_score_correction_bias.dtype == torch.float32
+    assert router.e_score_correction_bias.dtype == torch.float32 and torch.equal(router.e_score_correction_bias, bias)
     assert model.model.layers[0].mlp.experts.gate_up_proj.dtype == torch.bfloat16
-    assert tiny_model().to(torch.bfloat16).model.layers[0].mlp.gate.e_score_correction_bias.dtype == torch.float32
+    cast = source.to(torch.bfloat16).model.layers[0].mlp.gate.e_score_correction_bias
+    assert cast.dtype == torch.float32 and torch.equal(cast, bias)
     with torch.no_grad():
         out = model(ids(1, 5), output_router_logits=True)
     assert out.router_logits[0].dtype == torch.float32

@@ -164,3 +164,34 @@ def test_loss_parts_are_averaged_over_every_process(tmp_path):
     logged = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
     assert logged[0] == logged[1] == {"lm_loss": 3.0, "mtp_loss": 2.0}
     assert mean_loss_parts(parts[0], torch.device("cpu")) == {"lm_loss": 2.0}
+
+
+def _bias_update_on_rank(rank, store_path, out_dir):
+    from modeling_ernie5 import Ernie5Config, Ernie5ForCausalLM
+
+    store = torch.distributed.FileStore(store_path, 2)
+    torch.distributed.init_process_group("gloo", store=store, rank=rank, world_size=2)
+    try:
+        torch.manual_seed(0)
+        model = Ernie5ForCausalLM(Ernie5Config.from_preset("tiny", num_hidden_layers=1, num_nextn_predict_layers=0))
+        ddp = torch.nn.parallel.DistributedDataParallel(model.train())  # broadcast_buffers=True, the default
+        router = model.model.routers()[0]
+        x = torch.randint(0, 512, (2, 16), generator=torch.Generator().manual_seed(100 + rank))
+        ddp(input_ids=x, labels=x).loss.backward()
+        total = router.expert_load.clone()
+        torch.distributed.all_reduce(total)
+        ddp(input_ids=x, labels=x)  # the next training forward applies the pending update
+        want = router.bias_update_rate * torch.sign(total.mean() - total)
+        result = {"bias": router.e_score_correction_bias.tolist(), "want": want.tolist()}
+    finally:
+        torch.distributed.destroy_process_group()
+    (Path(out_dir) / f"rank{rank}.json").write_text(json.dumps(result))
+
+
+def test_balancing_bias_follows_the_loads_of_every_rank_under_ddp(tmp_path):
+    """A plain DDP wrapper (as SFT and RL get it) broadcasts buffers before each forward; the pending expert loads
+    must stay per rank so that the bias update sums them, instead of rank 0's load counted twice."""
+    torch.multiprocessing.spawn(_bias_update_on_rank, args=(str(tmp_path / "store"), str(tmp_path)), nprocs=2)
+    got = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
+    assert got[0]["bias"] == got[1]["bias"]
+    torch.testing.assert_close(torch.tensor(got[0]["bias"]), torch.tensor(got[0]["want"]))

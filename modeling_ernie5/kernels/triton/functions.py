@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 
 from ..cpu import decide_grouped_mm
+from ...moe import refuse_second_order
 from . import ops
 
 
@@ -102,6 +103,7 @@ class TritonExpertsFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, dout_TD):
+        refuse_second_order("the 'triton' experts back-end", "use experts_backend='reference'")
         (x_TD, gate_up_EF2D, down_EDF, w_TK, h_SF2, w_S, token_S, order_S, pos_TK,
          counts_E, offsets_E, *layout) = ctx.saved_tensors
         if h_SF2 is None:
