@@ -55,8 +55,9 @@ inputs = tokenizer("Return the", return_tensors="pt")
 print(tokenizer.decode(model.generate(**inputs, max_new_tokens=32)[0]))
 ```
 {% if multimodal %}
-Images go through `Ernie5Processor` from the `ernie5` package (`processing/processing_ernie5.py`), which expands
-each image into its placeholder tokens and returns `pixel_values`.
+Images go through `Ernie5Processor`, which expands each image into its placeholder tokens and returns
+`pixel_values`: `AutoProcessor.from_pretrained("{{ repo_id }}", trust_remote_code=True)` when the processor was saved
+with the model (its code travels with it), else from the `ernie5` package (`processing/processing_ernie5.py`).
 {% endif %}
 The model code travels with the weights (`trust_remote_code=True`); with the `ernie5` package installed,
 `import modeling_ernie5` registers the classes and no remote code is needed.
