@@ -49,10 +49,12 @@ def default_chunk_rows(vocab: int, dtype: torch.dtype) -> int:
 class LinearCrossEntropyFunction(torch.autograd.Function):
     """sum over counted rows of -log softmax(h W^T)[label], divided by `divisor`; gradients computed in forward.
 
-    In half precision the gradients are kept without the 1/divisor factor and scaled (with the upstream factor) in
-    fp32 in `backward`: (softmax - onehot) / divisor underflows fp16 for large token counts, and GradScaler's
-    first scale, 65536, is inf in fp16. With no counted token (divisor nan) the loss is nan, as a mean over
-    nothing is in `ForCausalLMLoss`, and the gradients are exactly zero, as they are there."""
+    In fp16 the gradients are kept without the 1/divisor factor (the weight's in fp32) and scaled, with the upstream
+    factor, in fp32 in `backward`: (softmax - onehot) / divisor underflows fp16 for large token counts, and
+    GradScaler's first scale, 65536, is inf in fp16. bf16 has fp32's range and keeps the plain path (its weight
+    gradient saved in bf16: an fp32 copy of a (vocab, hidden) matrix would be held through the whole backward).
+    With no counted token (divisor nan) the loss is nan, as a mean over nothing is in `ForCausalLMLoss`, and the
+    gradients are exactly zero, as they are there."""
 
     @staticmethod
     def forward(ctx, hidden_ND, weight_VD, labels_N, divisor, ignore_index, chunk_rows):
@@ -63,7 +65,7 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
         if bool(((labels_N < 0) | (labels_N >= vocab))[counted_N].any()):
             raise ValueError(f"labels must be in [0, {vocab}) or equal ignore_index={ignore_index}")
         no_tokens = math.isnan(divisor)
-        scale_later = hidden_ND.dtype != acc
+        scale_later = hidden_ND.dtype == torch.float16
         grad_divisor = 1.0 if scale_later or no_tokens else divisor
         ctx.backward_divisor = divisor if scale_later and not no_tokens else 1.0
         ctx.grad_dtypes, ctx.acc = (hidden_ND.dtype, weight_VD.dtype), acc
@@ -104,7 +106,7 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
                     torch.mm(logits_RV.t(), h_RD.to(acc), out=grad_w)
                 else:
                     grad_w.addmm_(logits_RV.t(), h_RD.to(acc))
-        ctx.save_for_backward(grad_h, grad_w)
+        ctx.save_for_backward(grad_h, grad_w if scale_later or grad_w is None else grad_w.to(weight_VD.dtype))
         return loss / divisor
 
     @staticmethod
@@ -112,15 +114,15 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
         refuse_second_order("the fused linear cross-entropy", "set config.fused_linear_cross_entropy=False")
         grad_h, grad_w = ctx.saved_tensors
         # The loss is a scalar: its gradients were computed in forward and only need the upstream factor (and, in
-        # half precision, the 1/divisor left out there), applied in fp32 before the cast to the inputs' dtypes.
+        # fp16, the 1/divisor left out there, applied in fp32 before the cast back).
+        h_dtype, w_dtype = ctx.grad_dtypes
         factor = grad_loss.to(ctx.acc) / ctx.backward_divisor
-        scale = bool(factor.ne(1).item())
-        grads = []
-        for grad, dtype in zip((grad_h, grad_w), ctx.grad_dtypes):
-            if grad is not None and scale:
-                grad = grad.to(ctx.acc) * factor
-            grads.append(grad.to(dtype) if grad is not None else None)
-        return grads[0], grads[1], None, None, None, None
+        if bool(factor.ne(1).item()):
+            if grad_h is not None:
+                grad_h = (grad_h.float() * factor).to(h_dtype) if h_dtype == torch.float16 else grad_h * factor.to(h_dtype)
+            if grad_w is not None:
+                grad_w = grad_w.mul_(factor) if grad_w.dtype != w_dtype else grad_w * factor.to(w_dtype)
+        return grad_h, grad_w.to(w_dtype) if grad_w is not None else None, None, None, None, None
 
 
 def linear_cross_entropy(

@@ -492,7 +492,8 @@ class Ernie5MultiTokenPredictor(nn.Module):
 
 
 def real_token_mask(attention_mask: torch.Tensor | None, batch: int, q_len: int) -> torch.Tensor | None:
-    """(batch, q_len) boolean mask of the real (non-padding) tokens of this forward; None when every token is real.
+    """(batch, q_len) boolean mask of the real (non-padding) tokens of this forward; None without a mask. A mask
+    is returned even when every token is real: checking that would stall a GPU on every training forward.
 
     From a 2D padding mask, or from a 4D (batch, 1, Q, K) boolean or additive mask (the multimodal block-causal
     one), where a key no query may attend to is padding: every real token at least attends to itself."""
@@ -502,14 +503,12 @@ def real_token_mask(attention_mask: torch.Tensor | None, batch: int, q_len: int)
         allowed = attention_mask[:, 0]
         if allowed.dtype != torch.bool:
             allowed = allowed > torch.finfo(allowed.dtype).min / 2
-        real = allowed.any(1)[:, -q_len:]
-    else:
-        real = attention_mask[:, -q_len:].bool()
-    return None if bool(real.all()) else real
+        return allowed.any(1)[:, -q_len:]
+    return attention_mask[:, -q_len:].bool()
 
 
 def tokens_to_count(attention_mask: torch.Tensor | None, batch: int, q_len: int) -> bool | torch.Tensor:
-    """The routers' `count_load` for a full-model training forward: every token (True), or with padding a (T,)
+    """The routers' `count_load` for a full-model training forward: every token (True) without a mask, else a (T,)
     mask of the real ones."""
     real = real_token_mask(attention_mask, batch, q_len)
     return True if real is None else real.reshape(-1)
@@ -537,11 +536,12 @@ def sequence_balance_loss(
             1, idx_TK.view(batch, -1), valid_BLK.reshape(batch, -1).float()
         )[:, :num_experts]
         length_B = real_BL.sum(1)
-        kept = length_B > 0
+        kept_B = (length_B > 0).to(probs_BLE.dtype)
         length_B1 = length_B.clamp(min=1)[:, None].to(probs_BLE.dtype)
         f_BE = counts_BE * num_experts / (top_k * length_B1)
         p_BE = (probs_BLE * real_BL[..., None]).sum(1) / length_B1
-        losses.append((f_BE * p_BE).sum(-1)[kept].mean())
+        # Mean over sequences with a real token, as masked sums (a boolean index would stall a GPU per layer).
+        losses.append(((f_BE * p_BE).sum(-1) * kept_B).sum() / kept_B.sum().clamp(min=1))
     return torch.stack(losses).mean()
 
 
@@ -552,7 +552,11 @@ def router_z_loss(router_logits, token_mask: torch.Tensor | None = None) -> torc
     per_layer = []
     for logits_TE in router_logits:
         z_T = torch.logsumexp(logits_TE, dim=-1).pow(2)
-        per_layer.append(z_T.mean() if real_T is None else z_T[real_T.to(z_T.device)].mean())
+        if real_T is None:
+            per_layer.append(z_T.mean())
+        else:
+            real = real_T.to(z_T.device, z_T.dtype)
+            per_layer.append((z_T * real).sum() / real.sum().clamp(min=1))
     return torch.stack(per_layer).mean()
 
 

@@ -99,6 +99,9 @@ def test_float16_gradients_survive_loss_scaling_and_large_token_counts():
             ours_err = ((g.float() - r).norm() / r.norm()).item()
             theirs_err = ((t.float() - r).norm() / r.norm()).item()
             assert ours_err <= 2 * theirs_err + 1e-3, f"{name}: {ours_err:.3g} vs transformers' fp16 {theirs_err:.3g}"
+    # bf16 has fp32's range: its (vocab, hidden) weight gradient is held in bf16 until backward, not in fp32.
+    loss = linear_cross_entropy(h.bfloat16().requires_grad_(), w.bfloat16().requires_grad_(), labels)
+    assert [t.dtype for t in loss.grad_fn.saved_tensors] == [torch.bfloat16, torch.bfloat16]
 
 
 def test_no_counted_token_gives_a_nan_loss_and_zero_gradients_and_no_double_backward():

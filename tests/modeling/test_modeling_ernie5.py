@@ -162,6 +162,20 @@ def test_left_padding_leaves_logits_and_aux_loss_unchanged():
     torch.testing.assert_close(plain.aux_loss, left.aux_loss, atol=1e-6, rtol=1e-5)
     torch.testing.assert_close(plain.z_loss, left.z_loss, atol=1e-6, rtol=1e-5)
     torch.testing.assert_close(plain.loss, left.loss, atol=1e-5, rtol=1e-5)
+    # A row of padding only contributes nothing (not nan) to either term.
+    from modeling_ernie5.modeling_ernie5 import router_z_loss, sequence_balance_loss
+
+    with torch.no_grad():
+        out = model(torch.cat([padded, padded]), attention_mask=torch.cat([mask, torch.zeros_like(mask)]),
+                    output_router_logits=True, output_routing_indices=True)  # fmt: skip
+    k, e = model.config.num_experts_per_tok, model.config.num_experts
+    only_pads = torch.zeros(2, 10, dtype=torch.bool)
+    assert sequence_balance_loss(out.router_logits, out.routing_indices, e, k, 2, only_pads) == 0
+    assert router_z_loss(out.router_logits, only_pads) == 0
+    torch.testing.assert_close(
+        sequence_balance_loss(out.router_logits, out.routing_indices, e, k, 2, torch.cat([mask, only_pads[:1]]).bool()),
+        left.aux_loss, atol=1e-6, rtol=1e-5,
+    )  # fmt: skip
     # Training forwards count loads for the balancing bias: the real tokens' assignments only.
     model.train()
     with torch.no_grad():
