@@ -7,7 +7,10 @@ the top of the root conftest.
 import atexit
 import os
 import shutil
+import subprocess
+import sys
 import tempfile
+import textwrap
 
 _HF_HOME = tempfile.mkdtemp(prefix="ernie5-hf-home-")
 # Removed when the session ends, so repeated runs do not pile up directories in /tmp.
@@ -58,7 +61,17 @@ except ImportError:
 """
 
 
+def run_without_ernie5(script: str, cwd, timeout: float = 240, **env: str) -> str:
+    """Run `script` (dedented) in a fresh Python process that cannot import the ernie5 packages, with `env` added to
+    the environment; fail the test with its stderr unless it exits 0, else return its stdout."""
+    full_env = {**os.environ, "PYTHONPATH": "", **env}
+    result = subprocess.run([sys.executable, "-c", WITHOUT_ERNIE5_PACKAGES + textwrap.dedent(script)], cwd=cwd,
+                            env=full_env, capture_output=True, text=True, timeout=timeout)  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result.stdout
+
+
 @pytest.fixture
-def without_ernie5_packages() -> str:
-    """`WITHOUT_ERNIE5_PACKAGES`: put it first in a subprocess script (run it with `PYTHONPATH=""`)."""
-    return WITHOUT_ERNIE5_PACKAGES
+def without_ernie5_packages():
+    """`run_without_ernie5`: runs a script where only transformers and saved folders are there to import."""
+    return run_without_ernie5

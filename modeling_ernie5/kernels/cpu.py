@@ -355,7 +355,9 @@ def _layout(idx_TK: torch.Tensor, num_experts: int, grouped: bool) -> _Layout:
     if grouped:  # one chunk of all rows, one thread
         shares = [plan_chunks(counts, None)]
     else:
-        shares = plan_shares(counts, CHUNK_ROWS, _chunk_threads(len(plan_chunks(counts, CHUNK_ROWS))))
+        chunks = plan_chunks(counts, CHUNK_ROWS)
+        threads = _chunk_threads(len(chunks))  # never more threads than chunks (decoding: one chunk, one thread)
+        shares = [chunks] if threads == 1 else plan_shares(counts, CHUNK_ROWS, threads)
     offsets_E = groups.offsets_E.to(torch.int32) if grouped else None
     max_rows = max((c.stop - c.start for share in shares for c in share), default=0)
     return _Layout(groups, shares, offsets_E, max_rows)

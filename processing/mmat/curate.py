@@ -95,11 +95,6 @@ def read_vqa_rows(path: str | os.PathLike) -> Iterator[tuple[str | None, int, st
         yield None, index, f"{path}#{index}", row
 
 
-def read_vqa_file(path: str | os.PathLike) -> list:
-    """Rows of a local VQA file or saved `datasets` folder (all splits of a DatasetDict), as read."""
-    return [row for _, _, _, row in read_vqa_rows(path)]
-
-
 def input_sources(inputs: list[str]) -> list[tuple[str, Path]]:
     """`(source, path)` per input: `name=path` names it, else the file stem (folder name for a datasets folder).
 

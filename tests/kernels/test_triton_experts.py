@@ -155,7 +155,8 @@ def test_weight_grad_gemm_choice(monkeypatch):
 def test_second_order_gradients_are_refused_not_silently_dropped():
     """The Triton backward returns kernel outputs without a graph; with `create_graph=True` it used to hand back a
     gradient that silently lacked its second-order terms. It must fail loudly instead."""
-    x, gate_up, down, idx, w, upstream = make_case(13, 16, 16, 4, 2, dtype=torch.float32, routing="sentinel")
+    x, gate_up, down, idx, w, upstream = make_case(13, 16, 16, 4, 2, dtype=torch.float32, routing="sentinel",
+                                                   device=DEVICE)  # fmt: skip
     x = x.clone().requires_grad_()
     loss = (triton_experts_forward(x, gate_up.clone().requires_grad_(), down, idx, w) * upstream).sum()
     with pytest.raises(RuntimeError, match="no second-order gradients.*experts_backend='reference'"):

@@ -313,9 +313,8 @@ def test_teacher_outage_in_reflection_is_left_for_a_rerun(server, tmp_path):
     from processing.mmat.reflection import ReflectionStage
 
     url, state = server
-    source = make_toy_vqa(tmp_path / "toy", n_items=4, seed=3)
-    base = dict(inputs=[str(source)], output_dir=str(tmp_path / "out"), progress=False, teacher="openai")
-    base.update(teacher_base_url=url, teacher_backoff_s=0.01, teacher_max_retries=1)
+    base = served_run(tmp_path, url, teacher_backoff_s=0.01, teacher_max_retries=1)
+    del base["teacher_model"]
     run_stage(CurateStage(MMATConfig(teacher_model="scripted", **base)))
     stage = RationaleStage(MMATConfig(teacher_model="scripted", **base), runtime=ToolRuntime({"ocr": StubOCR()}))
     assert run_stage(stage)["complete"]

@@ -8,7 +8,6 @@ trainer also takes a dense causal LM, and that checkpoints are ordinary ERNIE 5.
 import json
 import logging
 import os
-from pathlib import Path
 
 import pytest
 import torch
@@ -23,7 +22,6 @@ from training.rl import (
     RLTrainer,
     RoutingRecorder,
     aggregate_token_loss,
-    track_group_success,
     hf_chunked_advance,
     load_rl_dataset,
     main,
@@ -32,10 +30,12 @@ from training.rl import (
     prompt_key,
     replay_routing,
     toy_world_dataset,
+    track_group_success,
 )
 from training.rl_stabilisers import UnbiasedReplayBuffer, pass_at_k
 
 from rl_config import rl_config
+from two_ranks import run_on_two_ranks
 
 
 def length_reward(completions, **kwargs):
@@ -497,26 +497,20 @@ def test_misc_token_loss_normalised_per_loss_type_as_trl_does():
         agg("cispo")
 
 
-def _wpsm_rates_on_rank(rank, store_path, out_dir):
+def _wpsm_rates_on_rank(rank):
     from training.rl_stabilisers import SuccessRateTracker
 
-    store = torch.distributed.FileStore(store_path, 2)
-    torch.distributed.init_process_group("gloo", store=store, rank=rank, world_size=2)
-    try:
-        # Prompt "a"'s four completions are split 3 / 1 over the two processes; "b" lies on process 1 only.
-        local_keys = [["a", "a", "a"], ["a", "b", "b"]][rank]
-        correct_all = torch.tensor([True, True, False, False, True, True])  # gathered, process order
-        tracker = SuccessRateTracker(decay=0.0)
-        rates = track_group_success(tracker, local_keys, correct_all)
-    finally:
-        torch.distributed.destroy_process_group()
-    (Path(out_dir) / f"rank{rank}.json").write_text(json.dumps({"rates": rates, "tracker": tracker.rates}))
+    # Prompt "a"'s four completions are split 3 / 1 over the two processes; "b" lies on process 1 only.
+    local_keys = [["a", "a", "a"], ["a", "b", "b"]][rank]
+    correct_all = torch.tensor([True, True, False, False, True, True])  # gathered, process order
+    tracker = SuccessRateTracker(decay=0.0)
+    rates = track_group_success(tracker, local_keys, correct_all)
+    return {"rates": rates, "tracker": tracker.rates}
 
 
 def test_wpsm_success_rates_cover_whole_groups_across_processes(tmp_path):
     """A group split over processes is rated on all its completions, and both processes keep the same tracker
     (rated on the local rows, "a" would be 2/3 on process 0 and 0 on process 1)."""
-    torch.multiprocessing.spawn(_wpsm_rates_on_rank, args=(str(tmp_path / "store"), str(tmp_path)), nprocs=2)
-    got = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
+    got = run_on_two_ranks(_wpsm_rates_on_rank, tmp_path)
     assert got[0]["tracker"] == got[1]["tracker"] == {"a": 0.5, "b": 1.0}
     assert got[0]["rates"] == [0.5] * 3 and got[1]["rates"] == [0.5, 1.0, 1.0]

@@ -1,8 +1,5 @@
 """HF Trainer on an ernie5 model: loss falls, gradient checkpointing, bf16 on CPU, loss-part logging."""
 
-import json
-from pathlib import Path
-
 import pytest
 import torch
 from transformers import TrainingArguments
@@ -11,6 +8,8 @@ from modeling_ernie5 import Ernie5Config, Ernie5ForCausalLM
 from processing.text_data import pack_texts, split_corpus
 from processing.tokenizer import builtin_corpus, train_text_tokenizer
 from training.trainer import Ernie5Trainer, precision_defaults_for_this_machine
+
+from two_ranks import run_on_two_ranks
 
 
 @pytest.fixture(scope="module")
@@ -142,16 +141,10 @@ def test_precision_defaults_follow_the_machine(monkeypatch):
         assert precision_defaults_for_this_machine() == {"bf16": supported}
 
 
-def _loss_parts_on_rank(rank, store_path, parts, out_dir):
+def _loss_parts_on_rank(rank, parts):
     from training.trainer import mean_loss_parts
 
-    store = torch.distributed.FileStore(store_path, 2)
-    torch.distributed.init_process_group("gloo", store=store, rank=rank, world_size=2)
-    try:
-        means = mean_loss_parts(parts[rank], torch.device("cpu"))
-    finally:
-        torch.distributed.destroy_process_group()
-    (Path(out_dir) / f"rank{rank}.json").write_text(json.dumps(means))
+    return mean_loss_parts(parts[rank], torch.device("cpu"))
 
 
 def test_loss_parts_are_averaged_over_every_process(tmp_path):
@@ -160,38 +153,30 @@ def test_loss_parts_are_averaged_over_every_process(tmp_path):
     from training.trainer import mean_loss_parts
 
     parts = [{"lm_loss": [1.0, 3.0]}, {"lm_loss": [5.0], "mtp_loss": [2.0]}]
-    torch.multiprocessing.spawn(_loss_parts_on_rank, args=(str(tmp_path / "store"), parts, str(tmp_path)), nprocs=2)
-    logged = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
+    logged = run_on_two_ranks(_loss_parts_on_rank, tmp_path, parts)
     assert logged[0] == logged[1] == {"lm_loss": 3.0, "mtp_loss": 2.0}
     assert mean_loss_parts(parts[0], torch.device("cpu")) == {"lm_loss": 2.0}
 
 
-def _bias_update_on_rank(rank, store_path, out_dir):
+def _bias_update_on_rank(rank):
     from modeling_ernie5 import Ernie5Config, Ernie5ForCausalLM
 
-    store = torch.distributed.FileStore(store_path, 2)
-    torch.distributed.init_process_group("gloo", store=store, rank=rank, world_size=2)
-    try:
-        torch.manual_seed(0)
-        model = Ernie5ForCausalLM(Ernie5Config.from_preset("tiny", num_hidden_layers=1, num_nextn_predict_layers=0))
-        ddp = torch.nn.parallel.DistributedDataParallel(model.train())  # broadcast_buffers=True, the default
-        router = model.model.routers()[0]
-        x = torch.randint(0, 512, (2, 16), generator=torch.Generator().manual_seed(100 + rank))
-        ddp(input_ids=x, labels=x).loss.backward()
-        total = router.expert_load.clone()
-        torch.distributed.all_reduce(total)
-        ddp(input_ids=x, labels=x)  # the next training forward applies the pending update
-        want = router.bias_update_rate * torch.sign(total.mean() - total)
-        result = {"bias": router.e_score_correction_bias.tolist(), "want": want.tolist()}
-    finally:
-        torch.distributed.destroy_process_group()
-    (Path(out_dir) / f"rank{rank}.json").write_text(json.dumps(result))
+    torch.manual_seed(0)
+    model = Ernie5ForCausalLM(Ernie5Config.from_preset("tiny", num_hidden_layers=1, num_nextn_predict_layers=0))
+    ddp = torch.nn.parallel.DistributedDataParallel(model.train())  # broadcast_buffers=True, the default
+    router = model.model.routers()[0]
+    x = torch.randint(0, 512, (2, 16), generator=torch.Generator().manual_seed(100 + rank))
+    ddp(input_ids=x, labels=x).loss.backward()
+    total = router.expert_load.clone()
+    torch.distributed.all_reduce(total)
+    ddp(input_ids=x, labels=x)  # the next training forward applies the pending update
+    want = router.bias_update_rate * torch.sign(total.mean() - total)
+    return {"bias": router.e_score_correction_bias.tolist(), "want": want.tolist()}
 
 
 def test_balancing_bias_follows_the_loads_of_every_rank_under_ddp(tmp_path):
     """A plain DDP wrapper (as SFT and RL get it) broadcasts buffers before each forward; the pending expert loads
     must stay per rank so that the bias update sums them, instead of rank 0's load counted twice."""
-    torch.multiprocessing.spawn(_bias_update_on_rank, args=(str(tmp_path / "store"), str(tmp_path)), nprocs=2)
-    got = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
+    got = run_on_two_ranks(_bias_update_on_rank, tmp_path)
     assert got[0]["bias"] == got[1]["bias"]
     torch.testing.assert_close(torch.tensor(got[0]["bias"]), torch.tensor(got[0]["want"]))
